@@ -1,0 +1,231 @@
+"""Options as dataclasses: defaults and help live on the fields; YAML and the command line fill them.
+
+Every command declares its options as one or more dataclasses whose fields carry a help text
+(`opt(default, "help")`). `parse_options` reads, in increasing priority: the field defaults, a
+flat YAML file given with `--config FILE.yaml`, then `--name value` on the command line. A key that
+no field declares is an error, in YAML (reported with its line) and on the command line alike, so
+a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+_MISSING = dataclasses.MISSING
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its help text (and, for strings, the allowed values)."""
+    metadata = {"help": help, "choices": choices, "aliases": aliases}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the underlying type, whether None is allowed) for annotations like `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _resolved_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def convert_value(name: str, value: Any, tp: Any, choices: tuple | None = None) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ValueError saying why."""
+    base, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
+        if optional:
+            return None
+        raise ValueError(f"{name} cannot be empty")
+    origin = typing.get_origin(base)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it obviously is.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        value = str(value)
+        if choices and value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(base) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [convert_value(name, v, item_type) for v in value]
+    if origin is dict or base is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported option type {tp!r} for {name}")
+
+
+def _yaml_with_lines(path: str) -> tuple[dict, dict[str, int]]:
+    """Load a flat YAML mapping and remember the line of each key, for error messages."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror}).") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of option: value.")
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            lines[str(key_node.value)] = key_node.start_mark.line + 1
+    return data, lines
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=100)
+
+
+def _str_to_bool(value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def build_parser(sections: list[type], prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=_HelpFormatter, argument_default=argparse.SUPPRESS,
+        usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; the command line overrides it")
+    for cls in sections:
+        title = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+        group = parser.add_argument_group(title)
+        for f, tp in _resolved_fields(cls):
+            base, _ = _base_type(tp)
+            default = f.default if f.default is not _MISSING else f.default_factory()
+            help_text = f.metadata.get("help", "")
+            choices = f.metadata.get("choices")
+            if choices:
+                help_text += f" {{{', '.join(map(str, choices))}}}"
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
+            help_text = help_text.replace("%", "%%")  # argparse formats help with %
+            flags = [f"--{f.name}", *(f"--{a}" for a in f.metadata.get("aliases", ()))]
+            if base is bool:
+                group.add_argument(*flags, dest=f.name, nargs="?", const=True, type=_str_to_bool, metavar="BOOL", help=help_text)
+            else:
+                group.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def parse_options(sections: list[type], argv: list[str] | None = None, prog: str | None = None,
+                  description: str = "", config_file: str | None = None) -> list[Any]:
+    """Return one instance per dataclass in `sections`, filled from defaults, YAML and argv."""
+    prog = prog or sys.argv[0]
+    parser = build_parser(sections, prog, description)
+    # argparse exits with status 2 and a usage line on unknown or malformed flags: that is
+    # already the actionable message we want.
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None) or config_file
+
+    fields = {f.name: (cls, f, tp) for cls in sections for f, tp in _resolved_fields(cls)}
+    values: dict[str, Any] = {}
+    if config_path:
+        data, lines = _yaml_with_lines(config_path)
+        for key, value in data.items():
+            where = f"{config_path}:{lines.get(str(key), 1)}"
+            if key not in fields:
+                raise UserError(f"{where}: unknown option '{key}'{_suggest(str(key), list(fields))}. "
+                                f"Run {prog} --help for the list of options.")
+            _, f, tp = fields[key]
+            try:
+                values[key] = convert_value(key, value, tp, f.metadata.get("choices"))
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
+    for key, value in args.items():
+        _, f, tp = fields[key]
+        try:
+            values[key] = convert_value(key, value, tp, f.metadata.get("choices"))
+        except ValueError as e:
+            raise UserError(f"--{key}: {e}") from None
+
+    out = []
+    for cls in sections:
+        kwargs = {f.name: values[f.name] for f, _ in _resolved_fields(cls) if f.name in values}
+        instance = cls(**kwargs)
+        validate = getattr(instance, "validate", None)
+        if validate:
+            validate()
+        out.append(instance)
+    return out
+
+
+def to_dict(*sections: Any) -> dict[str, Any]:
+    """Flat mapping of every option, in declaration order (the resolved config)."""
+    out: dict[str, Any] = {}
+    for section in sections:
+        out.update(dataclasses.asdict(section))
+    return out
+
+
+def dump_yaml(*sections: Any) -> str:
+    return yaml.safe_dump(to_dict(*sections), allow_unicode=True, sort_keys=False)

@@ -1,0 +1,390 @@
+"""Instruction data: reading and validating files, prompt templates, tokens and labels.
+
+A record is {instruct, query, answer} (the column names are configurable). Files are JSON Lines
+or one JSON array. The whole file is validated before any model is loaded, and every bad record
+is reported as `path:line: reason`, so a long run never dies on record 40,000.
+
+The prompt is built by one function, `encode_prompt`, for training and for inference alike, with
+the same special-token handling; the seed built it one way for training and another for
+prediction. A training sample is `prompt + answer + EOS` with the loss on `answer + EOS` only.
+When a sample is too long the query is shortened, never the answer or its EOS: an answer that
+has lost its end teaches the model to never stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+IGNORE_INDEX = -100
+TEMPLATES = ("auto", "baichuan", "chat", "alpaca")
+MAX_REPORTED_ERRORS = 20
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+@dataclass
+class Columns:
+    instruct: str = "instruct"
+    query: str = "query"
+    answer: str = "answer"
+
+
+@dataclass
+class BadRecord:
+    line: int
+    reason: str
+
+
+@dataclass
+class ReadResult:
+    records: list[dict[str, Any]]
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text or None, decode error or None) for each line of the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found.") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; give the path of a .jsonl/.txt/.json file.") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}).") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            yield number, line.decode("utf-8").rstrip("\r"), None
+        except UnicodeDecodeError as e:
+            yield number, None, (f"not valid UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line); "
+                                 "save the file as UTF-8")
+
+
+def _json_array_items(path: str, text: str) -> Iterator[tuple[int, Any, str | None]]:
+    """Items of a JSON array with the line each starts on, so errors can name a line."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+
+    def line_of(offset: int) -> int:
+        return text.count("\n", 0, offset) + 1
+
+    def skip_ws(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    pos = skip_ws(pos)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        pos = skip_ws(pos)
+        try:
+            item, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield line_of(e.pos), None, f"invalid JSON in the array ({e.msg}); the rest of the file cannot be read"
+            return
+        yield line_of(pos), item, None
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            return
+        yield line_of(pos), None, "expected ',' or ']' after an array item; the rest of the file cannot be read"
+        return
+
+
+def _check_record(obj: Any, columns: Columns, require_answer: bool) -> tuple[dict[str, str] | None, str | None]:
+    if not isinstance(obj, dict):
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false"}.get(type(obj), type(obj).__name__)
+        return None, (f'expected a JSON object like {{"{columns.instruct}": ..., "{columns.query}": ..., '
+                      f'"{columns.answer}": ...}}, got {kind}')
+    out = {}
+    for key, column, required in ((("instruct", columns.instruct, True)), ("query", columns.query, False),
+                                  ("answer", columns.answer, require_answer)):
+        value = obj.get(column)
+        if value is None:
+            if required:
+                present = ", ".join(map(str, obj)) or "none"
+                return None, f"missing '{column}' (keys present: {present}); set --{key}_column if your file names it differently"
+            value = ""
+        if not isinstance(value, str):
+            return None, f"'{column}' must be a string, got {type(value).__name__} {json.dumps(value, ensure_ascii=False)[:40]}"
+        if required and not value.strip():
+            return None, f"'{column}' is empty"
+        out[key] = value
+    return out, None
+
+
+def read_records(path: str, columns: Columns | None = None, require_answer: bool = True) -> ReadResult:
+    """Read every record of a JSONL file or JSON array; collect the bad ones with their line."""
+    columns = columns or Columns()
+    result = ReadResult(records=[])
+    lines = list(_utf8_lines(path))
+    first = next((text.lstrip() for _, text, _ in lines if text is not None and text.strip()), "")
+    if first.startswith("["):
+        bad_bytes = [(n, err) for n, _, err in lines if err]
+        if bad_bytes:
+            result.bad.extend(BadRecord(n, err) for n, err in bad_bytes)
+            return result
+        text = "\n".join(t for _, t, _ in lines)
+        items: Iterator[tuple[int, Any, str | None]] = _json_array_items(path, text)
+    else:
+        items = _jsonl_items(lines)
+    for number, obj, error in items:
+        if error is None:
+            record, error = _check_record(obj, columns, require_answer)
+            if record is not None:
+                record["line"] = number
+                result.records.append(record)
+                continue
+        result.bad.append(BadRecord(number, error))
+    return result
+
+
+def _jsonl_items(lines: list[tuple[int, str | None, str | None]]) -> Iterator[tuple[int, Any, str | None]]:
+    for number, text, error in lines:
+        if error is not None:
+            yield number, None, error
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield number, json.loads(text), None
+        except json.JSONDecodeError as e:
+            yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_records(path: str, columns: Columns | None = None, skip_bad_lines: bool = False,
+                 require_answer: bool = True, log: Callable[[str], None] = _to_stderr) -> list[dict[str, Any]]:
+    """Validated records of a data file; stops with every problem listed unless skip_bad_lines."""
+    result = read_records(path, columns, require_answer)
+    if result.bad:
+        for bad in result.bad[:MAX_REPORTED_ERRORS]:
+            log(f"{path}:{bad.line}: {bad.reason}")
+        if len(result.bad) > MAX_REPORTED_ERRORS:
+            log(f"{path}: ... and {len(result.bad) - MAX_REPORTED_ERRORS} more bad records")
+        if not skip_bad_lines:
+            raise UserError(f"{path}: {len(result.bad)} bad record(s) out of {len(result.bad) + len(result.records)}. "
+                            "Fix them, or pass --skip_bad_lines to train on the rest.")
+        log(f"{path}: skipped {len(result.bad)} bad record(s), kept {len(result.records)}")
+    if not result.records:
+        raise UserError(f"{path}: no usable records.")
+    return result.records
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+_ALPACA_HEAD = ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n")
+_ALPACA_HEAD_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                         "completes the request.\n\n")
+_SENTINEL = "\u2063CNQLORA_USER_TEXT\u2063"
+
+
+def resolve_template(name: str, tokenizer: Any, model_type: str | None) -> str:
+    """`auto` picks the seed's format for Baichuan, the tokenizer's chat template for chat models."""
+    if name not in TEMPLATES:
+        raise UserError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATES)}.")
+    if name == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("template 'chat' needs a tokenizer with a chat template; this one has none. "
+                        "Use --template baichuan or alpaca.")
+    if name != "auto":
+        return name
+    if model_type == "baichuan":
+        return "baichuan"
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    return "alpaca"
+
+
+def _chat_frame(tokenizer: Any) -> tuple[str, str]:
+    """The text a chat template puts before and after the user's message (generation prompt on)."""
+    cache = getattr(tokenizer, "_cnqlora_chat_frame", None)
+    if cache is None:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                                 add_generation_prompt=True)
+        if rendered.count(_SENTINEL) != 1:
+            raise UserError("the tokenizer's chat template does not insert the user message verbatim; "
+                            "use --template baichuan or alpaca.")
+        cache = tuple(rendered.split(_SENTINEL))
+        tokenizer._cnqlora_chat_frame = cache
+    return cache
+
+
+def prompt_segments(tokenizer: Any, template: str, instruct: str, query: str) -> tuple[str, str, str]:
+    """The prompt as (text before the query, the query, text after it)."""
+    if template == "baichuan":
+        # The seed's format: "Human: \n{instruct}\n{query}\n\nAssistant: \n".
+        return "Human: \n" + instruct + ("\n" if query else ""), query, "\n\nAssistant: \n"
+    if template == "alpaca":
+        if query:
+            return _ALPACA_HEAD + "### Instruction:\n" + instruct + "\n\n### Input:\n", query, "\n\n### Response:\n"
+        return _ALPACA_HEAD_NO_INPUT + "### Instruction:\n" + instruct, "", "\n\n### Response:\n"
+    if template == "chat":
+        before, after = _chat_frame(tokenizer)
+        return before + instruct + ("\n" if query else ""), query, after
+    raise ValueError(f"template {template!r} must be resolved first")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _bos(tokenizer: Any, template: str) -> list[int]:
+    # Chat templates write their own start tokens; the plain formats start like pre-training text.
+    if template == "chat" or tokenizer.bos_token_id is None:
+        return []
+    return [tokenizer.bos_token_id]
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    query_tokens: int
+    query_kept: int
+
+
+def encode_prompt(tokenizer: Any, template: str, instruct: str, query: str = "",
+                  max_query_tokens: int | None = None) -> EncodedPrompt:
+    """Token ids of the prompt; the one place that builds it, for training and for inference.
+
+    Segments are tokenised separately so the query can be shortened on a token boundary; the
+    same segmentation is used at inference, so the model sees the same ids it was trained on.
+    """
+    before, query, after = prompt_segments(tokenizer, template, instruct, query)
+    query_ids = _encode(tokenizer, query)
+    kept = query_ids if max_query_tokens is None else query_ids[:max(0, max_query_tokens)]
+    ids = _bos(tokenizer, template) + _encode(tokenizer, before) + kept + _encode(tokenizer, after)
+    return EncodedPrompt(ids, len(query_ids), len(kept))
+
+
+def prompt_overhead(tokenizer: Any, template: str, instruct: str, query: str) -> int:
+    """Prompt tokens other than the query's."""
+    full = encode_prompt(tokenizer, template, instruct, query, max_query_tokens=0)
+    return len(full.ids)
+
+
+def eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token; the model could never learn to stop. "
+                        "Set eos_token in its tokenizer_config.json.")
+    return tokenizer.eos_token_id
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    shortened: bool
+
+
+def encode_sample(tokenizer: Any, template: str, record: dict[str, str], max_seq_len: int) -> EncodedSample | None:
+    """prompt + answer + EOS with labels on answer + EOS; None when the answer alone cannot fit."""
+    answer = _encode(tokenizer, record["answer"]) + [eos_id(tokenizer)]
+    prompt = encode_prompt(tokenizer, template, record["instruct"], record["query"])
+    shortened = False
+    if len(prompt.ids) + len(answer) > max_seq_len:
+        overhead = len(prompt.ids) - prompt.query_kept
+        budget = max_seq_len - overhead - len(answer)
+        if budget < 0:
+            return None
+        prompt = encode_prompt(tokenizer, template, record["instruct"], record["query"], max_query_tokens=budget)
+        shortened = True
+    return EncodedSample(prompt.ids + answer, [IGNORE_INDEX] * len(prompt.ids) + answer, shortened)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class LengthStats:
+    records: int
+    samples: int
+    shortened: int
+    dropped: int
+    mean: float
+    p95: int
+    max: int
+    labelled_mean: float
+
+    def describe(self, name: str, max_seq_len: int) -> str:
+        return (f"{name}: {self.records:,} records -> {self.samples:,} samples; tokens/sample mean {self.mean:.1f}, "
+                f"p95 {self.p95}, max {self.max} (labelled mean {self.labelled_mean:.1f}); "
+                f"{self.shortened:,} shortened (query cut to fit {max_seq_len}), "
+                f"{self.dropped:,} dropped (answer + EOS longer than {max_seq_len})")
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identifies a tokenizer's behaviour for the tokenisation cache."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and os.path.isfile(vocab_file):
+        with open(vocab_file, "rb") as f:
+            h.update(f.read())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: str, max_seq_len: int,
+                     cache_dir: str | None = None):
+    """A `datasets.Dataset` of input_ids/labels (cached on disk when cache_dir is set) and its stats."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    content = hashlib.sha256(json.dumps([(r["instruct"], r["query"], r["answer"]) for r in records],
+                                        ensure_ascii=False).encode()).hexdigest()[:16]
+    fingerprint = f"{content}-{tokenizer_fingerprint(tokenizer)}-{template}-{max_seq_len}"
+    raw = datasets.Dataset.from_list([{k: r[k] for k in ("instruct", "query", "answer")} for r in records])
+
+    def encode(row: dict[str, str]) -> dict[str, Any]:
+        sample = encode_sample(tokenizer, template, row, max_seq_len)
+        if sample is None:
+            return {"input_ids": [], "labels": [], "shortened": False, "dropped": True}
+        return {"input_ids": sample.input_ids, "labels": sample.labels, "shortened": sample.shortened, "dropped": False}
+
+    cache_file = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(cache_dir, f"tokenized-{fingerprint}.arrow")
+    encoded = raw.map(encode, remove_columns=raw.column_names, cache_file_name=cache_file,
+                      new_fingerprint=fingerprint, load_from_cache_file=cache_file is not None)
+    dropped = sum(encoded["dropped"])
+    shortened = sum(encoded["shortened"])
+    kept = encoded.filter(lambda d: not d, input_columns="dropped", keep_in_memory=True)
+    kept = kept.remove_columns(["shortened", "dropped"])
+    lengths = sorted(len(ids) for ids in kept["input_ids"])
+    labelled = [sum(1 for t in labels if t != IGNORE_INDEX) for labels in kept["labels"]]
+    stats = LengthStats(
+        records=len(records), samples=len(lengths), shortened=shortened, dropped=dropped,
+        mean=sum(lengths) / max(1, len(lengths)), p95=_percentile(lengths, 0.95), max=lengths[-1] if lengths else 0,
+        labelled_mean=sum(labelled) / max(1, len(labelled)),
+    )
+    return kept, stats

@@ -1,0 +1,11 @@
+"""Errors the user can act on.
+
+Anything raised as UserError is printed as one clear message by the command-line scripts and
+ends the run with a non-zero exit status, instead of a traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input (files, options, model folders) and what to do about it."""
+
+    exit_code = 2

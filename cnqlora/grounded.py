@@ -1,0 +1,952 @@
+"""Grounded decoding for the NER task: a logits processor that only lets well-formed answers out.
+
+The NER model answers either exactly ``没有`` (no entity) or one line ``ENTITY_TYPE`` per entity,
+lines separated by "\\n", where ENTITY is a substring of the input text and TYPE one of a fixed
+set. A model can still hallucinate entities, misspell types or get cut off mid-line by
+``max_new_tokens``; this module makes all three impossible, so that every decoded answer parses
+and every entity occurs in its text.
+
+How it works, per batch row:
+
+* ``token_byte_table`` gives, for every token id, the exact UTF-8 bytes it adds to the decoded
+  text. Everything below runs on bytes, because byte-fallback and byte-level tokens routinely
+  split a Chinese character in the middle.
+* ``NerGrammar`` is a deterministic automaton over bytes for the answer grammar of one text: a
+  suffix automaton of the text (linear size, recognises exactly its substrings), a trie of the
+  types and the ``没有`` branch, determinised together (an entity may start with 没有).
+* ``TokenTrie`` (built once per tokenizer and cached) holds the byte strings of all tokens; a joint
+  walk of token trie and grammar automaton lists the allowed tokens while only ever visiting
+  tokens compatible with the text, and a token may span entity end, "_", type, "\\n" and the next
+  entity.
+* Budget: for every automaton state we know how many tokens, at worst, are needed to reach an
+  accepting state using "unit" tokens (single bytes or single characters). A token is allowed only
+  if that number plus one (for EOS) still fits in the tokens left after it, so even a model with
+  random weights, cut by ``max_new_tokens``, ends every row with a complete answer and EOS.
+
+Usage (left-padded batch, greedy or sampling, ``num_beams=1``)::
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)  # padding_side="left"
+    proc = GroundedNerLogitsProcessor(
+        tokenizer, texts=[ner_text_from_query(q) for q in queries], types=types,
+        prompt_length=enc["input_ids"].shape[1], max_new_tokens=64,
+        eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(**enc, max_new_tokens=64, logits_processor=LogitsProcessorList([proc]))
+    answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+Beyond the bare answer format, entities may neither start nor end with whitespace nor contain
+line-breaking characters (those ``str.splitlines`` splits on): answers then parse the same under
+``metrics.parse_answer`` (which strips and splits lines) and survive decoders that strip a
+leading space. The same entity may be listed twice (the parser deduplicates).
+
+Limitations:
+
+* Beam search is not supported (rows are reordered between steps); it is detected and refused.
+  Processors that forbid EOS (``min_new_tokens``) can leave a row without any allowed token.
+* The budget needs, from every state it lets the model reach, a path of "unit" tokens (single
+  bytes or single whole characters). Byte-fallback SentencePiece (Baichuan, LLaMA) and byte-level
+  BPE (Qwen2) have all 256 single-byte tokens. Without them, whole-character tokens are used, and
+  tokens that end inside a character no unit token can finish are refused; if no answer at all
+  can be guaranteed the constructor raises ValueError rather than guessing a safety margin.
+* Decode answers with ``skip_special_tokens=True`` and without ``clean_up_tokenization_spaces``
+  (off by default in transformers 5): the clean-up would rewrite " ," inside an entity.
+* Tokenizers that are neither SentencePiece nor byte-level BPE get an approximate table (tokens
+  decoded one by one) that is checked against the tokenizer's own decode and refused if wrong.
+* Token ids at or above ``len(tokenizer)`` (padded embedding rows) are never allowed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+NOTHING = "没有"
+SEPARATOR = "_"
+NEWLINE = "\n"
+QUERY_PREFIXES = ("文本：", "文本:")
+
+_US = ord(SEPARATOR)
+_NL = ord(NEWLINE)
+_INF = 1 << 30
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers for the training data format
+# ----------------------------------------------------------------------------------------------
+
+
+def ner_text_from_query(query: str) -> str:
+    """The sentence an MSRA query is about: the query without its leading ``文本：`` prefix."""
+    for prefix in QUERY_PREFIXES:
+        if query.startswith(prefix):
+            return query[len(prefix) :]
+    return query
+
+
+def allowed_types_from_answers(answers: Iterable[str]) -> list[str]:
+    """Entity types used in training answers (``entity_type`` lines), in order of first use."""
+    seen: dict[str, None] = {}
+    for answer in answers:
+        for line in answer.split(NEWLINE):
+            line = line.strip()
+            if not line or line == NOTHING:
+                continue
+            entity, sep, etype = line.rpartition(SEPARATOR)
+            if sep and entity and etype:
+                seen.setdefault(etype, None)
+    return list(seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token id -> bytes
+# ----------------------------------------------------------------------------------------------
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-level alphabet (char used in token strings -> raw byte).
+
+    Bytes that are printable Latin-1 stand for themselves; the other 68 are shifted, in byte
+    order, to code points 256, 257, ... so that every token is a printable string.
+    """
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    inverse: dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            inverse[chr(byte)] = byte
+        else:
+            inverse[chr(256 + shifted)] = byte
+            shifted += 1
+    return inverse
+
+
+def _drop_skipped_tokens(tokenizer, table: list[bytes | None]) -> None:
+    """Set to None the special and added tokens that decode does not render as their bytes.
+
+    `all_special_ids` is not a reliable guide: a converted LLaMA tokenizer lists its "\\n" piece
+    there yet keeps it when decoding with skip_special_tokens=True, while eos/bos/pad vanish. So
+    each candidate is decoded on its own, the way answers are decoded.
+    """
+    candidates = {int(i) for i in (tokenizer.all_special_ids or []) if i is not None}
+    candidates.update(int(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}))
+    for tid in candidates:
+        if not 0 <= tid < len(table) or table[tid] is None:
+            continue
+        expected = table[tid].decode("utf-8", errors="replace")
+        got = tokenizer.decode([tid], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if got != expected and not (expected.startswith(" ") and got == expected[1:]):
+            table[tid] = None
+
+
+def _decoder_steps(node) -> list[dict]:
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        return [step for child in node.get("decoders", []) for step in _decoder_steps(child)]
+    return [node]
+
+
+def _tokenizer_json(tokenizer) -> dict | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        return json.loads(backend.to_str())
+    except (ValueError, TypeError):
+        return None
+
+
+def byte_table_kind(tokenizer) -> str:
+    """How token strings map to bytes: "sentencepiece", "sp_tokenizers", "byte_level" or "generic".
+
+    "sentencepiece": the tokenizer has a SentencePiece ``sp_model`` (slow Baichuan/LLaMA style).
+    "sp_tokenizers": a `tokenizers` model converted from SentencePiece ('▁' space, <0xAB> bytes).
+    "byte_level": GPT-2/Qwen2 byte-level BPE (tokens spelled in the byte-level alphabet).
+    "generic": none of these; tokens are decoded one by one (see ``token_byte_table``).
+    """
+    sp = getattr(tokenizer, "sp_model", None)
+    if sp is not None and hasattr(sp, "IdToPiece") and hasattr(sp, "is_byte"):
+        return "sentencepiece"
+    spec = _tokenizer_json(tokenizer)
+    if spec is None:
+        return "generic"
+    steps = _decoder_steps(spec.get("decoder"))
+    types = {step.get("type") for step in steps}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if (
+        "ByteFallback" in types
+        or "Metaspace" in types
+        or spec.get("model", {}).get("byte_fallback")
+    ):
+        return "sp_tokenizers"
+    if any(s.get("type") == "Replace" and s.get("pattern", {}).get("String") == "▁" for s in steps):
+        return "sp_tokenizers"
+    return "generic"
+
+
+def _table_size(tokenizer) -> int:
+    size = len(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    if added:
+        size = max(size, max(int(t) for t in added) + 1)
+    return size
+
+
+def _sentencepiece_table(tokenizer) -> list[bytes | None]:
+    sp = tokenizer.sp_model
+    table: list[bytes | None] = [None] * _table_size(tokenizer)
+    for tid in range(min(sp.get_piece_size(), len(table))):
+        if sp.is_control(tid) or sp.is_unknown(tid) or sp.is_unused(tid):
+            continue
+        piece = sp.IdToPiece(tid)
+        if sp.is_byte(tid):
+            table[tid] = bytes((int(piece[3:5], 16),))
+        else:
+            table[tid] = piece.replace("▁", " ").encode("utf-8")
+    return table
+
+
+def _tokenizers_table(tokenizer, kind: str) -> list[bytes | None]:
+    spec = _tokenizer_json(tokenizer) or {}
+    backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer
+    vocab = backend.get_vocab(with_added_tokens=False)
+    table: list[bytes | None] = [None] * max(
+        _table_size(tokenizer), max(vocab.values(), default=-1) + 1
+    )
+    if kind == "byte_level":
+        alphabet = _byte_level_alphabet()
+        for token, tid in vocab.items():
+            try:
+                table[tid] = bytes(alphabet[ch] for ch in token)
+            except KeyError:
+                table[tid] = None  # not written in the byte-level alphabet: unknown decoding
+        return table
+    # SentencePiece converted to `tokenizers`: the decoder replaces the metaspace by a space and
+    # turns <0xAB> pieces into raw bytes (when byte fallback is on).
+    steps = _decoder_steps(spec.get("decoder"))
+    space_char = "▁"
+    for step in steps:
+        if step.get("type") == "Metaspace":
+            space_char = step.get("replacement", space_char)
+        elif step.get("type") == "Replace" and step.get("content") == " ":
+            space_char = step.get("pattern", {}).get("String", space_char)
+    byte_fallback = any(s.get("type") == "ByteFallback" for s in steps) or bool(
+        spec.get("model", {}).get("byte_fallback")
+    )
+    for token, tid in vocab.items():
+        match = _BYTE_PIECE.match(token) if byte_fallback else None
+        table[tid] = (
+            bytes((int(match.group(1), 16),))
+            if match
+            else token.replace(space_char, " ").encode("utf-8")
+        )
+    return table
+
+
+def _generic_table(tokenizer) -> list[bytes | None]:
+    # Last resort: decode tokens one by one. Tokens that only make sense next to others (partial
+    # characters, word-piece continuations) come out wrong or as U+FFFD and are left out.
+    table: list[bytes | None] = [None] * _table_size(tokenizer)
+    for tid in range(len(table)):
+        text = tokenizer.decode([tid], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if text and "\ufffd" not in text:
+            table[tid] = text.encode("utf-8")
+    return table
+
+
+def token_byte_table(tokenizer) -> list[bytes | None]:
+    """For every token id the UTF-8 bytes it contributes to ``tokenizer.decode``, or None.
+
+    None marks special and added tokens (never generated inside an answer) and tokens whose bytes
+    cannot be known. Handles SentencePiece tokenizers with an ``sp_model`` (Baichuan, slow LLaMA),
+    `tokenizers` models converted from SentencePiece (fast LLaMA) and byte-level BPE (Qwen2,
+    GPT-2); anything else falls back to decoding tokens one at a time (approximate).
+    """
+    kind = byte_table_kind(tokenizer)
+    if kind == "sentencepiece":
+        table = _sentencepiece_table(tokenizer)
+    elif kind in ("byte_level", "sp_tokenizers"):
+        table = _tokenizers_table(tokenizer, kind)
+    else:
+        table = _generic_table(tokenizer)
+    _drop_skipped_tokens(tokenizer, table)
+    return table
+
+
+def byte_table_mismatches(
+    tokenizer, table: Sequence[bytes | None], id_lists: Iterable[Sequence[int]]
+):
+    """(ids, decoded, expected) for every id list whose decode differs from its table bytes.
+
+    Decoders may drop one leading space (SentencePiece's dummy prefix); answers never start with
+    one, so that difference is not reported.
+    """
+    bad = []
+    for ids in id_lists:
+        ids = list(ids)
+        parts = [table[i] for i in ids]
+        if any(p is None for p in parts):
+            raise ValueError(f"token ids without bytes in the table: {ids}")
+        expected = b"".join(parts).decode("utf-8", errors="replace")
+        got = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if got != expected and not (expected.startswith(" ") and got == expected[1:]):
+            bad.append((ids, got, expected))
+    return bad
+
+
+_PROBE = "文本：北京大学的张三去了上海。没有_人名\n地名 Abc_123 鱻龘𠀋"
+
+
+def _check_table(tokenizer, table: list[bytes | None]) -> None:
+    # A wrong table silently breaks the guarantee, so check it against the tokenizer's own
+    # decode: a mixed probe text, and each printable ASCII single-byte token on its own (this
+    # catches decoders that leave byte-fallback pieces as literal "<0x41>").
+    lists = [tokenizer.encode(_PROBE, add_special_tokens=False)]
+    lists += [
+        [tid]
+        for tid, data in enumerate(table)
+        if data is not None and len(data) == 1 and 0x21 <= data[0] < 0x7F
+    ]
+    lists = [ids for ids in lists if all(0 <= i < len(table) and table[i] is not None for i in ids)]
+    bad = byte_table_mismatches(tokenizer, table, lists)
+    if bad:
+        ids, got, expected = bad[0]
+        raise ValueError(
+            f"cannot map {type(tokenizer).__name__} tokens to bytes "
+            f"({byte_table_kind(tokenizer)} rules): ids {ids[:12]} decode to {got!r} but their "
+            f"bytes give {expected!r}. Grounded decoding needs a tokenizer whose decode is the "
+            "concatenation of its tokens' bytes (byte-fallback pieces decoded to bytes)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Token trie
+# ----------------------------------------------------------------------------------------------
+
+
+def _utf8_length(lead: int) -> int:
+    if lead < 0x80:
+        return 1
+    if 0xC0 <= lead < 0xE0:
+        return 2
+    if 0xE0 <= lead < 0xF0:
+        return 3
+    if 0xF0 <= lead < 0xF8:
+        return 4
+    return 0  # continuation or invalid byte
+
+
+def _is_unit(data: bytes) -> bool:
+    """A single byte, or exactly one complete UTF-8 character."""
+    return len(data) == 1 or (
+        _utf8_length(data[0]) == len(data) and all(0x80 <= b < 0xC0 for b in data[1:])
+    )
+
+
+class TokenTrie:
+    """Byte trie of all generable tokens of one tokenizer.
+
+    Nodes are ints (root 0); one flat dict maps ``node << 8 | byte`` to the child, which keeps a
+    150k-token vocabulary at a few tens of MB instead of one dict per node.
+    """
+
+    def __init__(self, table: Sequence[bytes | None]):
+        self.table = list(table)
+        self.kids: dict[int, int] = {}
+        self.ends: dict[int, list[int]] = {}
+        nodes = 1
+        for tid, data in enumerate(self.table):
+            if not data:
+                continue
+            node = 0
+            for byte in data:
+                key = node << 8 | byte
+                child = self.kids.get(key)
+                if child is None:
+                    child = nodes
+                    nodes += 1
+                    self.kids[key] = child
+                node = child
+            self.ends.setdefault(node, []).append(tid)
+        self.num_nodes = nodes
+        # Unit tokens give the worst-case completion paths used by the budget.
+        self.units = frozenset(data for data in self.table if data and _is_unit(data))
+        self.missing_bytes = frozenset(b for b in range(256) if bytes((b,)) not in self.units)
+
+
+_TRIE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_trie(tokenizer) -> TokenTrie:
+    """The (cached) token trie of `tokenizer`, built from its checked byte table."""
+    try:
+        cached = _TRIE_CACHE.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    table = token_byte_table(tokenizer)
+    _check_table(tokenizer, table)
+    trie = TokenTrie(table)
+    try:
+        _TRIE_CACHE[tokenizer] = (len(tokenizer), trie)
+    except TypeError:
+        pass  # not weak-referenceable: rebuilt on every call
+    return trie
+
+
+# ----------------------------------------------------------------------------------------------
+# Suffix automaton and the answer grammar
+# ----------------------------------------------------------------------------------------------
+
+
+class SuffixAutomaton:
+    """Suffix automaton of a byte string: recognises exactly its substrings, at most 2n states.
+
+    ``endpos[v]`` is one end position (index of the last byte) shared by all strings of state v;
+    the grammar reads character facts about the entity's last character from it.
+    """
+
+    def __init__(self, data: bytes):
+        nxt: list[dict[int, int]] = [{}]
+        link = [-1]
+        length = [0]
+        endpos = [-1]
+        last = 0
+        for i, byte in enumerate(data):
+            cur = len(nxt)
+            nxt.append({})
+            link.append(0)
+            length.append(length[last] + 1)
+            endpos.append(i)
+            p = last
+            while p != -1 and byte not in nxt[p]:
+                nxt[p][byte] = cur
+                p = link[p]
+            if p != -1:
+                q = nxt[p][byte]
+                if length[p] + 1 == length[q]:
+                    link[cur] = q
+                else:
+                    clone = len(nxt)
+                    nxt.append(dict(nxt[q]))
+                    link.append(link[q])
+                    length.append(length[p] + 1)
+                    endpos.append(endpos[q])
+                    while p != -1 and nxt[p].get(byte) == q:
+                        nxt[p][byte] = clone
+                        p = link[p]
+                    link[q] = clone
+                    link[cur] = clone
+            last = cur
+        self.next = nxt
+        self.link = link
+        self.length = length
+        self.endpos = endpos
+
+    def contains(self, sub: bytes) -> bool:
+        state = 0
+        for byte in sub:
+            state = self.next[state].get(byte)
+            if state is None:
+                return False
+        return True
+
+
+def _breaks_line(ch: str) -> bool:
+    return len(f"a{ch}b".splitlines()) > 1
+
+
+def _check_types(types: Iterable[str]) -> list[str]:
+    out: dict[str, None] = {}
+    for etype in types:
+        if not isinstance(etype, str) or not etype or etype != etype.strip():
+            raise ValueError(
+                f"entity type {etype!r} must be a non-empty string without surrounding spaces"
+            )
+        if SEPARATOR in etype or any(_breaks_line(ch) for ch in etype):
+            raise ValueError(f"entity type {etype!r} must not contain {SEPARATOR!r} or line breaks")
+        out.setdefault(etype, None)
+    if not out:
+        raise ValueError("grounded decoding needs at least one entity type")
+    return list(out)
+
+
+_LINE, _TYPE, _AFTER_NL = 0, 1, 2
+
+
+class NerGrammar:
+    """Deterministic byte automaton of the NER answers of one text.
+
+    States are ints; ``start`` is the initial state, ``step``/``feed`` return -1 on a rejected
+    byte, ``accepting[s]`` says whether EOS may follow. Internally a state is one of
+      (LINE, sam_state, first_char_pending, nothing_progress)  inside an entity and/or 没有,
+      (TYPE, trie_node)                                         inside a type,
+      (AFTER_NL,)                                               after "\\n" (accepting),
+    where a dead entity branch has sam_state -1 and a dead 没有 branch progress -1. Entities start
+    and end on character boundaries, have no whitespace at either end and no "_" or line breaks.
+    Transitions into states from which no accepting state is reachable are removed.
+    """
+
+    def __init__(self, text: str, types: Iterable[str]):
+        self.text = text
+        self.types = _check_types(types)
+        data = text.encode("utf-8")
+        self.sam = SuffixAutomaton(data)
+        # Facts about the character that ends at each byte position.
+        n = len(data)
+        self._char_end = [False] * n
+        self._space_end = [False] * n
+        self._bad_end = [False] * n
+        pos = 0
+        for ch in text:
+            pos += len(ch.encode("utf-8"))
+            self._char_end[pos - 1] = True
+            self._space_end[pos - 1] = ch.isspace()
+            self._bad_end[pos - 1] = ch == SEPARATOR or _breaks_line(ch)
+        self._nothing = NOTHING.encode("utf-8")
+        # Type trie.
+        self._type_kids: list[dict[int, int]] = [{}]
+        self._type_end: list[bool] = [False]
+        for etype in self.types:
+            node = 0
+            for byte in etype.encode("utf-8"):
+                child = self._type_kids[node].get(byte)
+                if child is None:
+                    child = len(self._type_kids)
+                    self._type_kids.append({})
+                    self._type_end.append(False)
+                    self._type_kids[node][byte] = child
+                node = child
+            self._type_end[node] = True
+        self._build()
+
+    # -- key-level grammar -------------------------------------------------------------------
+
+    def _can_end(self, v: int, pending: int) -> bool:
+        if v <= 0 or pending:
+            return False
+        pos = self.sam.endpos[v]
+        return self._char_end[pos] and not self._space_end[pos]
+
+    def _candidates(self, key: tuple) -> Iterable[int]:
+        if key[0] == _AFTER_NL:
+            key = (_LINE, 0, 1, -1)
+        if key[0] == _TYPE:
+            node = key[1]
+            kids = self._type_kids[node]
+            return (*kids, _NL) if self._type_end[node] else kids
+        _, v, pending, k = key
+        out = set(self.sam.next[v]) if v >= 0 else set()
+        if v >= 0 and self._can_end(v, pending):
+            out.add(_US)
+        if 0 <= k < len(self._nothing):
+            out.add(self._nothing[k])
+        return out
+
+    def _step_key(self, key: tuple, byte: int) -> tuple | None:
+        if key[0] == _AFTER_NL:
+            key = (_LINE, 0, 1, -1)
+        if key[0] == _TYPE:
+            node = key[1]
+            if byte == _NL:
+                return (_AFTER_NL,) if self._type_end[node] else None
+            child = self._type_kids[node].get(byte)
+            return None if child is None else (_TYPE, child)
+        _, v, pending, k = key
+        if byte == _US:
+            return (_TYPE, 0) if v >= 0 and self._can_end(v, pending) else None
+        nv, npending = -1, 0
+        if v >= 0 and byte != _NL and not (v == 0 and _utf8_length(byte) == 0):
+            w = self.sam.next[v].get(byte)
+            if w is not None:
+                pos = self.sam.endpos[w]
+                if self._char_end[pos]:
+                    # A character was completed: check it, and the first one is not a space.
+                    if not self._bad_end[pos] and not (pending and self._space_end[pos]):
+                        nv, npending = w, 0
+                else:
+                    nv, npending = w, pending
+        nk = k + 1 if 0 <= k < len(self._nothing) and self._nothing[k] == byte else -1
+        if nv < 0 and nk < 0:
+            return None
+        return (_LINE, nv, npending, nk)
+
+    def _accepting_key(self, key: tuple) -> bool:
+        if key[0] == _AFTER_NL:
+            return True
+        if key[0] == _TYPE:
+            return self._type_end[key[1]]
+        return key[3] == len(self._nothing)
+
+    # -- determinised automaton ----------------------------------------------------------------
+
+    def _build(self) -> None:
+        start = (_LINE, 0, 1, 0)
+        ids = {start: 0}
+        keys = [start]
+        trans: list[dict[int, int]] = []
+        i = 0
+        while i < len(keys):
+            key = keys[i]
+            row: dict[int, int] = {}
+            for byte in self._candidates(key):
+                nxt = self._step_key(key, byte)
+                if nxt is None:
+                    continue
+                sid = ids.get(nxt)
+                if sid is None:
+                    sid = ids[nxt] = len(keys)
+                    keys.append(nxt)
+                row[byte] = sid
+            trans.append(row)
+            i += 1
+        accepting = [self._accepting_key(key) for key in keys]
+        # Keep only states from which an accepting state is reachable.
+        rev: list[list[int]] = [[] for _ in keys]
+        for s, row in enumerate(trans):
+            for t in row.values():
+                rev[t].append(s)
+        live = list(accepting)
+        queue = deque(s for s, ok in enumerate(accepting) if ok)
+        while queue:
+            t = queue.popleft()
+            for s in rev[t]:
+                if not live[s]:
+                    live[s] = True
+                    queue.append(s)
+        self.trans = [{b: t for b, t in row.items() if live[t]} for row in trans]
+        self.accepting = accepting
+        self.keys = keys
+        self.start = 0
+
+    def step(self, state: int, byte: int) -> int:
+        if state < 0:
+            return -1
+        return self.trans[state].get(byte, -1)
+
+    def feed(self, state: int, data: bytes) -> int:
+        trans = self.trans
+        for byte in data:
+            if state < 0:
+                return -1
+            state = trans[state].get(byte, -1)
+        return state
+
+    def accepts(self, answer: str) -> bool:
+        """Whether `answer` is a complete answer (EOS may follow)."""
+        state = self.feed(self.start, answer.encode("utf-8"))
+        return state >= 0 and self.accepting[state]
+
+    def is_prefix(self, answer: str) -> bool:
+        """Whether `answer` can still be completed into a complete answer."""
+        return self.feed(self.start, answer.encode("utf-8")) >= 0
+
+    def token_distances(self, units: frozenset[bytes]) -> list[int]:
+        """Per state, the fewest unit tokens (single bytes or characters in `units`) to acceptance.
+
+        An upper bound of the tokens really needed from there; unreachable states get a huge
+        value. The path it measures always exists, which is what makes the budget safe.
+        """
+        trans = self.trans
+        rev: list[list[int]] = [[] for _ in trans]
+        for s, row in enumerate(trans):
+            for byte, t in row.items():
+                if bytes((byte,)) in units:
+                    rev[t].append(s)
+                need = _utf8_length(byte) - 1
+                if need <= 0:
+                    continue
+                frontier = [(t, bytes((byte,)))]
+                for _ in range(need):
+                    frontier = [
+                        (t2, prefix + bytes((c,)))
+                        for t1, prefix in frontier
+                        for c, t2 in trans[t1].items()
+                        if 0x80 <= c < 0xC0
+                    ]
+                for t_end, char in frontier:
+                    if char in units:
+                        rev[t_end].append(s)
+        dist = [_INF] * len(trans)
+        queue = deque()
+        for s, ok in enumerate(self.accepting):
+            if ok:
+                dist[s] = 0
+                queue.append(s)
+        while queue:
+            t = queue.popleft()
+            for s in rev[t]:
+                if dist[s] == _INF:
+                    dist[s] = dist[t] + 1
+                    queue.append(s)
+        return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# The logits processor
+# ----------------------------------------------------------------------------------------------
+
+
+class _GroundedText:
+    """Grammar, budget distances and allowed-token cache shared by the rows of one text."""
+
+    def __init__(self, text: str, types: list[str], trie: TokenTrie, forbidden: frozenset[int]):
+        self.grammar = NerGrammar(text, types)
+        self.dist = self.grammar.token_distances(trie.units)
+        self.trie = trie
+        self.forbidden = forbidden
+        self.cache: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self.vocab = -1
+
+    def allowed(self, state: int, vocab: int) -> tuple[torch.Tensor, list[int]]:
+        """Token ids allowed from `state`, with the distance they lead to, sorted by distance."""
+        if vocab != self.vocab:
+            self.cache.clear()
+            self.vocab = vocab
+        hit = self.cache.get(state)
+        if hit is not None:
+            return hit
+        trans, dist = self.grammar.trans, self.dist
+        kids, ends, forbidden = self.trie.kids, self.trie.ends, self.forbidden
+        found: list[tuple[int, int]] = []
+        stack = [(0, state)]
+        while stack:
+            node, st = stack.pop()
+            base = node << 8
+            for byte, nst in trans[st].items():
+                child = kids.get(base | byte)
+                if child is None:
+                    continue
+                tids = ends.get(child)
+                if tids is not None and dist[nst] < _INF:
+                    d = dist[nst]
+                    found.extend((d, t) for t in tids if t < vocab and t not in forbidden)
+                stack.append((child, nst))
+        found.sort()
+        hit = (torch.tensor([t for _, t in found], dtype=torch.long), [d for d, _ in found])
+        self.cache[state] = hit
+        return hit
+
+
+_DONE = -2
+
+
+class GroundedNerLogitsProcessor(LogitsProcessor):
+    """Masks every token that would make an NER answer ill-formed or ungrounded.
+
+    Args:
+        tokenizer: the model's tokenizer (SentencePiece with byte fallback, or byte-level BPE).
+        texts: one text per batch row, the raw sentence the prompt is about (entities must be its
+            substrings); see ``ner_text_from_query``. For ``num_return_sequences=n`` repeat each
+            text n times in a row, as generate() does with the prompts.
+        types: allowed entity types.
+        prompt_length: ``input_ids.shape[1]`` of the (left-padded) batch given to generate();
+            generated tokens are read from that column on.
+        max_new_tokens: the same value (or smaller) as passed to generate(); must be at least
+            ``min_new_tokens_required`` (checked: ValueError).
+        eos_token_id: id or ids that end an answer; default ``tokenizer.eos_token_id``.
+
+    Greedy and sampling only: beam search reorders rows between steps, which the incremental
+    per-row state cannot follow, so a batch with more rows than texts (num_beams > 1) or rows whose
+    history changed raises ValueError/RuntimeError. Do not combine with processors that forbid
+    EOS (``min_new_tokens``), which can leave a row with no token at all.
+    """
+
+    supports_continuous_batching = False
+
+    def __init__(
+        self,
+        tokenizer,
+        texts: Sequence[str],
+        types: Sequence[str],
+        prompt_length: int,
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+    ):
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list with one text per batch row, not a single string")
+        if not texts:
+            raise ValueError("texts is empty: give one text per batch row")
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+        if eos_token_id is None:
+            raise ValueError("no eos_token_id given and the tokenizer has none")
+        eos = (
+            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+        )
+        if not eos:
+            raise ValueError("eos_token_id is empty")
+        self.trie = token_trie(tokenizer)
+        for e in eos:
+            if 0 <= e < len(self.trie.table) and self.trie.table[e] is not None:
+                raise ValueError(
+                    f"eos token {e} decodes to text {self.trie.table[e]!r}; "
+                    "it must be a special token"
+                )
+        self.eos_ids = sorted(set(eos))
+        self._eos_set = frozenset(self.eos_ids)
+        self.types = _check_types(types)
+        self.prompt_length = int(prompt_length)
+        self.max_new_tokens = int(max_new_tokens)
+        by_text: dict[str, _GroundedText] = {}
+        for text in texts:
+            if text not in by_text:
+                by_text[text] = _GroundedText(text, self.types, self.trie, self._eos_set)
+        self._rows = [by_text[text] for text in texts]
+        needed = max(g.dist[g.grammar.start] for g in by_text.values())
+        if needed >= _INF:
+            missing = "".join(f"\\x{b:02x}" for b in sorted(self.trie.missing_bytes)[:16])
+            raise ValueError(
+                "this tokenizer lacks single-byte tokens (e.g. " + missing + ") needed to spell a "
+                "guaranteed answer; grounded decoding needs byte fallback or byte-level BPE"
+            )
+        # One token per unit of the shortest answer, plus EOS.
+        self.min_new_tokens_required = needed + 1
+        if self.max_new_tokens < self.min_new_tokens_required:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} is too small for a guaranteed "
+                f"well-formed answer: this batch needs at least {self.min_new_tokens_required}"
+            )
+        # Generated tokens seen at the last call; None until the first call.
+        self._history: torch.Tensor | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._states = [g.grammar.start for g in self._rows]
+        self._seen = 0
+
+    def finished(self) -> list[bool]:
+        """Per row, whether it has emitted EOS."""
+        return [s == _DONE for s in self._states]
+
+    def _advance(self, row: int, tokens: list[int]) -> None:
+        state = self._states[row]
+        grounded = self._rows[row]
+        for tid in tokens:
+            if state == _DONE:
+                break  # generate() pads finished rows; nothing to check
+            if tid in self._eos_set:
+                if not grounded.grammar.accepting[state]:
+                    raise RuntimeError(
+                        f"row {row}: EOS outside a complete answer; was the mask overridden?"
+                    )
+                state = _DONE
+                continue
+            data = self.trie.table[tid] if 0 <= tid < len(self.trie.table) else None
+            nxt = grounded.grammar.feed(state, data) if data else -1
+            if nxt < 0:
+                raise RuntimeError(
+                    f"row {row}: token {tid} ({data!r}) breaks the answer grammar; "
+                    "was the mask overridden by a later logits processor, or is this beam search?"
+                )
+            state = nxt
+        self._states[row] = state
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, length = input_ids.shape
+        if rows != len(self._rows):
+            raise ValueError(
+                f"GroundedNerLogitsProcessor was built for {len(self._rows)} rows but got "
+                f"{rows}: beam search (num_beams > 1) is not supported; for "
+                "num_return_sequences > 1 repeat each text accordingly"
+            )
+        generated = length - self.prompt_length
+        if generated < 0:
+            raise ValueError(
+                f"input length {length} is shorter than prompt_length={self.prompt_length}"
+            )
+        if generated == 0:
+            self._reset()  # a new generate() call
+        elif self._history is None:
+            raise ValueError(
+                f"the first call already has {generated} tokens after "
+                f"prompt_length={self.prompt_length}: "
+                "prompt_length must be input_ids.shape[1] of the padded batch given to generate()"
+            )
+        elif generated < self._seen or not torch.equal(
+            input_ids[:, self.prompt_length : self.prompt_length + self._seen], self._history
+        ):
+            raise RuntimeError(
+                "earlier generated tokens changed between calls: beam search is not supported, "
+                "and a processor serves one batch (one prompt_length) only"
+            )
+        if generated > self._seen:
+            new = input_ids[:, self.prompt_length + self._seen :].tolist()
+            for row, tokens in enumerate(new):
+                self._advance(row, tokens)
+        self._seen = generated
+        self._history = input_ids[:, self.prompt_length :].clone()
+
+        vocab = scores.shape[-1]
+        left = self.max_new_tokens - generated  # tokens still to come, this one included
+        eos = torch.tensor([e for e in self.eos_ids if e < vocab], dtype=torch.long)
+        if not len(eos):
+            raise ValueError(
+                f"no eos id in {self.eos_ids} is below the model's vocabulary size {vocab}"
+            )
+        # The mask is kept sparse, as (row, column) pairs of allowed tokens, built on the CPU and
+        # moved to the device in one transfer: on CPU a dense (rows, vocab) boolean mask with
+        # masked_fill took ~5 ms per step for a 152k vocabulary, scattering the allowed scores into
+        # a -inf tensor costs little more than allocating that tensor, and only KBs are copied.
+        columns: list[torch.Tensor] = []
+        counts: list[int] = []
+        for row, state in enumerate(self._states):
+            if state == _DONE or left <= 0:
+                columns.append(eos)
+                counts.append(len(eos))
+                continue
+            grounded = self._rows[row]
+            ids, dists = grounded.allowed(state, vocab)
+            # After this token: dist units to an accepting state, then EOS, within left - 1 tokens.
+            cut = bisect.bisect_right(dists, left - 2)
+            columns.append(ids[:cut])
+            count = cut
+            if grounded.grammar.accepting[state]:
+                columns.append(eos)
+                count += len(eos)
+            counts.append(count)
+        cols = torch.cat(columns)
+        index = torch.stack(
+            (torch.repeat_interleave(torch.arange(rows), torch.tensor(counts)), cols)
+        )
+        index = index.to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        out[index[0], index[1]] = scores[index[0], index[1]]
+        return out
+
+
+def grounded_processor_for_batch(
+    tokenizer,
+    queries: Sequence[str],
+    types: Sequence[str],
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> LogitsProcessorList:
+    """A ready ``logits_processor`` for ``model.generate(input_ids, ...)`` on MSRA-style queries.
+
+    `queries` are the instruction inputs ("文本：" + sentence; plain sentences pass through), one
+    per row of `input_ids` (the left-padded prompts); `max_new_tokens` must be the value given to
+    generate() (or smaller).
+    """
+    texts = [ner_text_from_query(q) for q in queries]
+    proc = GroundedNerLogitsProcessor(
+        tokenizer,
+        texts=texts,
+        types=types,
+        prompt_length=int(input_ids.shape[-1]),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+    )
+    return LogitsProcessorList([proc])

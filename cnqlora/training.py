@@ -1,0 +1,497 @@
+"""The training loop: data -> 4-bit base + LoRA -> adapter, with checkpoints that really resume.
+
+One run lives in `checkpoint/<run_name>/`:
+
+    adapter_model/       the final PEFT adapter (safetensors), tokenizer, train_config.yaml
+    checkpoints/step-N/  adapter + optimizer, scheduler, RNG states and the step (resume points)
+    tb/                  TensorBoard logs
+    metrics.jsonl        every logged value, one JSON object per line
+    loss.png             train and dev loss curves
+
+Batches are drawn from a stream that depends only on the seed: epoch e is a permutation seeded
+with seed + e, cut into micro-batches, and optimizer step k consumes micro-batches
+[k * accum, (k + 1) * accum) of that stream. The step number alone therefore fixes the data
+position, and a resumed run replays exactly the batches (and, with the RNG states restored, the
+dropout masks) that the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .config import dump_yaml, opt
+from .data import IGNORE_INDEX, TEMPLATES, Columns, load_records, resolve_template, tokenize_records
+from .errors import UserError
+from .models import LoraArgs, ModelArgs
+
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class DataArgs:
+    """Data"""
+
+    train_file: str = opt("data/msra/train.txt", "training data: JSON Lines (or a JSON array) of instruction records")
+    dev_file: str | None = opt("data/msra/dev.txt", "data for the eval loss during training; none to skip")
+    instruct_column: str = opt("instruct", "name of the instruction field")
+    query_column: str = opt("query", "name of the input-text field (may be absent or empty)")
+    answer_column: str = opt("answer", "name of the answer field")
+    template: str = opt("auto", "prompt format; auto: baichuan for Baichuan models, the tokenizer's chat template "
+                        "for chat models, else alpaca", choices=TEMPLATES)
+    max_seq_len: int = opt(256, "longest sample in tokens; longer samples lose the end of their query, never "
+                           "their answer")
+    skip_bad_lines: bool = opt(False, "train on the good records of a file with bad ones (they are listed)")
+    max_train_samples: int | None = opt(None, "use only the first N training records")
+    max_dev_samples: int | None = opt(1000, "use only the first N dev records for the eval loss")
+    prepare_msra_if_missing: bool = opt(False, "when train_file is missing, build the MSRA files in its folder "
+                                        "(python dataset.py --prepare msra)")
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.instruct_column, self.query_column, self.answer_column)
+
+
+@dataclass
+class TrainArgs:
+    """Training"""
+
+    output_dir: str = opt("checkpoint", "folder that holds the runs")
+    run_name: str = opt("baichuan", "the run's folder inside output_dir; the adapter goes to "
+                        "<output_dir>/<run_name>/adapter_model")
+    num_epochs: float = opt(1.0, "passes over the training data")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides num_epochs)")
+    batch_size: int = opt(16, "samples per forward pass")
+    gradient_accumulation_steps: int = opt(4, "forward passes per optimizer step (effective batch = "
+                                           "batch_size x this)")
+    learning_rate: float = opt(2e-4, "peak learning rate of the LoRA weights")
+    lr_scheduler: str = opt("cosine", "learning-rate decay after warm-up", choices=SCHEDULERS)
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming up linearly from 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping")
+    seed: int = opt(42, "seed of data order, LoRA initialisation and dropout")
+    logging_steps: int = opt(10, "log the train loss every N steps")
+    eval_steps: int = opt(200, "compute the dev loss every N steps (and at the end); 0 disables")
+    save_steps: int = opt(200, "write a resumable checkpoint every N steps; 0 disables")
+    save_total_limit: int = opt(2, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "continue a run: a checkpoint folder, or auto for the newest "
+                                             "one of this run")
+    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass: much less memory, "
+                                       "about 30% more time")
+    tensorboard: bool = opt(True, "write TensorBoard logs to <run>/tb")
+    create_tiny_model_if_missing: bool = opt(False, "when the model folder is missing, build a tiny random "
+                                             "Baichuan-layout model there (the demo; shows the pipeline, not "
+                                             "NER quality)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1.")
+        if self.max_steps is None and self.num_epochs <= 0:
+            raise UserError("--num_epochs must be positive (or set --max_steps).")
+
+
+TRAIN_SECTIONS = [ModelArgs, DataArgs, LoraArgs, TrainArgs]
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextmanager
+def atomic_dir(dest: str) -> Iterator[str]:
+    """Yield a temporary folder that replaces `dest` only once everything in it is written.
+
+    At every moment either the old complete folder or the new complete folder is at `dest`
+    (between the two renames, the old one is kept aside as dest.old and restored if needed).
+    """
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{dest}.old-{os.getpid()}"
+    if os.path.exists(dest):
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    found = [d for d in os.listdir(folder) if d.startswith("step-") and d[5:].isdigit()
+             and os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
+    return [os.path.join(folder, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def micro_batch_indices(n_samples: int, batch_size: int, seed: int, position: int) -> list[int]:
+    """The sample indices of micro-batch number `position` of the endless seeded stream."""
+    import torch
+
+    per_epoch = math.ceil(n_samples / batch_size)
+    epoch, index = divmod(position, per_epoch)
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def collate(samples: list[dict[str, list[int]]], pad_id: int):
+    """Right-padded tensors; padding is masked out of attention and carries no label."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, :n] = torch.tensor(s["input_ids"])
+        labels[row, :n] = torch.tensor(s["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def labelled_tokens(batch: dict[str, Any]) -> int:
+    # The first position is never a target: logits at t predict the token at t + 1.
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(model, batch: dict[str, Any]):
+    """Summed next-token cross-entropy over the labelled positions only.
+
+    The LM head runs only where there is a label (about a tenth of the tokens for MSRA), which
+    saves the memory and time of the full (batch, length, vocabulary) logits.
+    """
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def evaluate_loss(model, samples, batch_size: int, pad_id: int, device: str) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
+            total += float(loss_sum(model, batch))
+            count += labelled_tokens(batch)
+    if was_training:
+        model.train()
+    return total / max(1, count)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return schedule
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, history: list[dict], limit: int) -> str:
+    import torch
+
+    dest = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "history": history}, os.path.join(tmp, "trainer_state.pt"))
+    for old in list_checkpoints(run_dir)[:-limit] if limit > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def find_resume_point(spec: str, run_dir: str) -> str | None:
+    if spec == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(spec, "trainer_state.pt")):
+        raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no trainer_state.pt). "
+                        f"Checkpoints of this run: {', '.join(list_checkpoints(run_dir)) or 'none'}.")
+    return spec
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + the in-memory history that checkpoints carry."""
+
+    def __init__(self, run_dir: str, history: list[dict], tensorboard: bool, start_step: int) -> None:
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.history = [h for h in history if h["step"] <= start_step]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for h in self.history:
+                f.write(json.dumps(h) + "\n")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after the checkpoint we resume from.
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, **values: float) -> None:
+        entry = {"step": step, **values}
+        self.history.append(entry)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.writer:
+            for key, value in values.items():
+                self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("eval_loss", "dev")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _prepare_inputs(model_args: ModelArgs, data_args: DataArgs, train_args: TrainArgs, log) -> tuple[list, list]:
+    """Everything that can fail on bad input, done before a model is loaded."""
+    if not os.path.exists(data_args.train_file) and data_args.prepare_msra_if_missing:
+        from .msra import prepare_msra
+
+        log(f"{data_args.train_file} is missing: preparing the MSRA files in {os.path.dirname(data_args.train_file)}")
+        prepare_msra(out_dir=os.path.dirname(data_args.train_file) or ".")
+    train_records = load_records(data_args.train_file, data_args.columns, data_args.skip_bad_lines)
+    dev_records = []
+    if data_args.dev_file:
+        dev_records = load_records(data_args.dev_file, data_args.columns, data_args.skip_bad_lines)
+    if data_args.max_train_samples:
+        train_records = train_records[:data_args.max_train_samples]
+    if data_args.max_dev_samples:
+        dev_records = dev_records[:data_args.max_dev_samples]
+    if not os.path.exists(model_args.model_name_or_path) and train_args.create_tiny_model_if_missing:
+        from .tiny import write_tiny_baichuan
+
+        log(f"{model_args.model_name_or_path} is missing: building a tiny random Baichuan-layout model there "
+            "(tokenizer trained on the training texts)")
+        texts = [r["instruct"] + "\n" + r["query"] + "\n" + r["answer"] for r in train_records[:20000]]
+        texts.append("Human: \n\n\nAssistant: \n")
+        write_tiny_baichuan(model_args.model_name_or_path, texts, vocab_size=8000)
+    from .models import check_model_folder
+
+    check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
+                       trust_remote_code=model_args.trust_remote_code)
+    return train_records, dev_records
+
+
+def save_adapter(model, tokenizer, dest: str, resolved_config: str) -> str:
+    """A standard PEFT adapter folder (+ tokenizer and the run's config), replaced atomically."""
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "train_config.yaml"), "w", encoding="utf-8") as f:
+            f.write(resolved_config)
+    return dest
+
+
+def train(model_args: ModelArgs, data_args: DataArgs, lora_args: LoraArgs, train_args: TrainArgs,
+          log: Callable[[str], None] = print, callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+    """Run (or resume) a training run; return where its outputs are and its last losses.
+
+    Each callback is called as callback(step=..., model=..., metrics=...) after every optimizer
+    step, once that step's logging, evaluation and checkpoint are done.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_device
+
+    run_dir = os.path.join(train_args.output_dir, train_args.run_name)
+    resume = None
+    if train_args.resume_from_checkpoint:
+        resume = find_resume_point(train_args.resume_from_checkpoint, run_dir)
+        if resume is None:
+            log(f"no checkpoint in {run_dir}/checkpoints yet: starting from scratch")
+    train_records, dev_records = _prepare_inputs(model_args, data_args, train_args, log)
+    device = resolve_device(model_args.device)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
+    config = json.load(open(os.path.join(model_args.model_name_or_path, "config.json"), encoding="utf-8"))
+    template = resolve_template(data_args.template, tokenizer, config.get("model_type"))
+    cache_dir = os.path.join(run_dir, "cache")
+    train_set, train_stats = tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir)
+    log(train_stats.describe("train", data_args.max_seq_len))
+    if train_stats.samples == 0:
+        raise UserError(f"{data_args.train_file}: no sample fits in --max_seq_len {data_args.max_seq_len}.")
+    dev_samples = []
+    if dev_records:
+        dev_set, dev_stats = tokenize_records(dev_records, tokenizer, template, data_args.max_seq_len, cache_dir)
+        log(dev_stats.describe("dev", data_args.max_seq_len))
+        dev_samples = dev_set.to_list()
+    samples = train_set.to_list()
+
+    torch.manual_seed(train_args.seed)
+    random.seed(train_args.seed)
+    started = time.time()
+    model = load_model(model_args, device)
+    log(f"loaded {model_args.model_name_or_path} ({model_args.quantization}, "
+        f"{next(p for p in model.parameters() if p.is_floating_point()).dtype}) on {device} in {time.time() - started:.1f}s")
+    model, targets = attach_lora(model, lora_args, train_args.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    log(f"LoRA r={lora_args.lora_r} on {', '.join(targets)}: {trainable:,} trainable parameters "
+        f"of {total:,} ({100 * trainable / total:.3f}%)")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
+    micro_per_epoch = math.ceil(len(samples) / train_args.batch_size)
+    total_steps = train_args.max_steps or max(1, math.ceil(train_args.num_epochs * micro_per_epoch
+                                                          / train_args.gradient_accumulation_steps))
+    warmup = int(train_args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_args.lr_scheduler, warmup, total_steps))
+
+    step, history = 0, []
+    if resume:
+        step, history = load_checkpoint(resume, model, optimizer, scheduler)
+        log(f"resumed from {resume} at step {step}")
+    os.makedirs(run_dir, exist_ok=True)
+    resolved = dump_yaml(model_args, data_args, lora_args, train_args)
+    with open(os.path.join(run_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
+        f.write(resolved)
+    metrics = MetricsLog(run_dir, history, train_args.tensorboard, step)
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    window_loss = window_steps = window_samples = 0
+    window_start = time.time()
+    accum = train_args.gradient_accumulation_steps
+    try:
+        while step < total_steps:
+            batches = [collate([samples[i] for i in micro_batch_indices(len(samples), train_args.batch_size,
+                                                                        train_args.seed, step * accum + m)], pad_id)
+                       for m in range(accum)]
+            n_tokens = sum(labelled_tokens(b) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = loss_sum(model, batch) / max(1, n_tokens)
+                loss.backward()
+                step_loss += loss.item()
+                window_samples += batch["input_ids"].shape[0]
+            grad_norm = None
+            if train_args.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train_args.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss += step_loss
+            window_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % train_args.logging_steps == 0 or step == total_steps:
+                elapsed = time.time() - window_start
+                values = {"train_loss": window_loss / window_steps, "train_lr": scheduler.get_last_lr()[0],
+                          "train_samples_per_s": window_samples / max(elapsed, 1e-9)}
+                if grad_norm is not None:
+                    values["train_grad_norm"] = grad_norm
+                metrics.log(step, **values)
+                window_loss = window_steps = window_samples = 0
+                window_start = time.time()
+            if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
+                eval_loss = evaluate_loss(model, dev_samples, train_args.batch_size, pad_id, device)
+                metrics.log(step, eval_loss=eval_loss)
+                bar.write(f"step {step}: dev loss {eval_loss:.4f}")
+            if train_args.save_steps and step % train_args.save_steps == 0 and step < total_steps:
+                save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history, train_args.save_total_limit)
+            for callback in callbacks:
+                callback(step=step, model=model, metrics=metrics)
+    finally:
+        bar.close()
+        metrics.close()
+
+    adapter_dir = save_adapter(model, tokenizer, os.path.join(run_dir, "adapter_model"), resolved)
+    plot_losses(metrics.history, os.path.join(run_dir, "loss.png"))
+    losses = [h["train_loss"] for h in metrics.history if "train_loss" in h]
+    evals = [h["eval_loss"] for h in metrics.history if "eval_loss" in h]
+    log(f"adapter saved to {adapter_dir}; loss curves in {os.path.join(run_dir, 'loss.png')}")
+    return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, "history": metrics.history,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "last_eval_loss": evals[-1] if evals else None, "template": template}
