@@ -18,9 +18,7 @@ def main(argv=None):
     from cnqlora.config import parse_options
     from cnqlora.training import TRAIN_SECTIONS, train
 
-    model_args, data_args, lora_args, train_args = parse_options(
-        TRAIN_SECTIONS, argv, prog="baichuan_qlora.py", description=__doc__)
-    train(model_args, data_args, lora_args, train_args)
+    train(*parse_options(TRAIN_SECTIONS, argv, prog="baichuan_qlora.py", description=__doc__))
 
 
 if __name__ == "__main__":

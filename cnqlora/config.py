@@ -178,8 +178,15 @@ def build_parser(sections: list[type], prog: str, description: str) -> argparse.
 
 
 def parse_options(sections: list[type], argv: list[str] | None = None, prog: str | None = None,
-                  description: str = "", config_file: str | None = None) -> list[Any]:
-    """Return one instance per dataclass in `sections`, filled from defaults, YAML and argv."""
+                  description: str = "", config_file: str | None = None,
+                  ignored_sections: list[type] = (), yaml_sections: list[type] | None = None) -> list[Any]:
+    """Return one instance per dataclass in `sections`, filled from defaults, YAML and argv.
+
+    YAML keys of `ignored_sections` are accepted and skipped, and with `yaml_sections` only
+    those sections take values from the YAML file: that is how one command reads another's
+    config (prediction takes the model, template and columns of a training config and nothing
+    else; its batch size is not the training batch size).
+    """
     prog = prog or sys.argv[0]
     parser = build_parser(sections, prog, description)
     # argparse exits with status 2 and a usage line on unknown or malformed flags: that is
@@ -188,13 +195,19 @@ def parse_options(sections: list[type], argv: list[str] | None = None, prog: str
     config_path = args.pop("config", None) or config_file
 
     fields = {f.name: (cls, f, tp) for cls in sections for f, tp in _resolved_fields(cls)}
+    ignored = {f.name for cls in ignored_sections for f, _ in _resolved_fields(cls)} - set(fields)
+    if yaml_sections is not None:
+        from_yaml = {f.name for cls in yaml_sections for f, _ in _resolved_fields(cls)}
+        ignored |= set(fields) - from_yaml
     values: dict[str, Any] = {}
     if config_path:
         data, lines = _yaml_with_lines(config_path)
         for key, value in data.items():
             where = f"{config_path}:{lines.get(str(key), 1)}"
+            if key in ignored:
+                continue
             if key not in fields:
-                raise UserError(f"{where}: unknown option '{key}'{_suggest(str(key), list(fields))}. "
+                raise UserError(f"{where}: unknown option '{key}'{_suggest(str(key), sorted(set(fields) | ignored))}. "
                                 f"Run {prog} --help for the list of options.")
             _, f, tp = fields[key]
             try:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import opt
 from .errors import UserError
 
 IGNORE_INDEX = -100
@@ -40,6 +41,21 @@ class Columns:
 
 
 @dataclass
+class PromptArgs:
+    """Prompt and data columns"""
+
+    template: str = opt("auto", "prompt format; auto: baichuan for Baichuan models, the tokenizer's chat template "
+                        "for chat models, else alpaca", choices=TEMPLATES)
+    instruct_column: str = opt("instruct", "name of the instruction field")
+    query_column: str = opt("query", "name of the input-text field (may be absent or empty)")
+    answer_column: str = opt("answer", "name of the answer field")
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.instruct_column, self.query_column, self.answer_column)
+
+
+@dataclass
 class BadRecord:
     line: int
     reason: str
@@ -51,7 +67,7 @@ class ReadResult:
     bad: list[BadRecord] = field(default_factory=list)
 
 
-def _utf8_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+def utf8_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
     """(line number, text or None, decode error or None) for each line of the file."""
     try:
         with open(path, "rb") as f:
@@ -132,7 +148,7 @@ def read_records(path: str, columns: Columns | None = None, require_answer: bool
     """Read every record of a JSONL file or JSON array; collect the bad ones with their line."""
     columns = columns or Columns()
     result = ReadResult(records=[])
-    lines = list(_utf8_lines(path))
+    lines = list(utf8_lines(path))
     first = next((text.lstrip() for _, text, _ in lines if text is not None and text.strip()), "")
     if first.startswith("["):
         bad_bytes = [(n, err) for n, _, err in lines if err]

@@ -73,9 +73,6 @@ def check_model_folder(path: str, need_tokenizer: bool = True, trust_remote_code
     config = _read_json(config_path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"{config_path}: has no model_type; it is not a transformers model config.")
-    _check_weights(path, hint)
-    if need_tokenizer:
-        check_tokenizer_folder(path)
     model_type = config["model_type"]
     if model_type == "baichuan":
         from .baichuan import BaichuanConfig, unsupported_reason
@@ -86,9 +83,17 @@ def check_model_folder(path: str, need_tokenizer: bool = True, trust_remote_code
     else:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         if model_type not in CONFIG_MAPPING and not trust_remote_code:
             raise UserError(f"{path}: model_type '{model_type}' is not known to this transformers version. If the "
                             "folder ships its own modeling code and you trust it, pass --trust_remote_code.")
+        if model_type in CONFIG_MAPPING and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UserError(f"{path}: model_type '{model_type}' is not a causal (text-generating) language model; "
+                            "this toolkit fine-tunes causal LMs such as Baichuan, Qwen2 or LLaMA.")
+    _check_weights(path, hint)
+    if need_tokenizer:
+        check_tokenizer_folder(path)
     return config
 
 

@@ -22,13 +22,15 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .config import dump_yaml, opt
-from .data import IGNORE_INDEX, TEMPLATES, Columns, load_records, resolve_template, tokenize_records
+from .data import IGNORE_INDEX, PromptArgs, load_records, resolve_template, tokenize_records
 from .errors import UserError
 from .models import LoraArgs, ModelArgs
 
@@ -41,11 +43,6 @@ class DataArgs:
 
     train_file: str = opt("data/msra/train.txt", "training data: JSON Lines (or a JSON array) of instruction records")
     dev_file: str | None = opt("data/msra/dev.txt", "data for the eval loss during training; none to skip")
-    instruct_column: str = opt("instruct", "name of the instruction field")
-    query_column: str = opt("query", "name of the input-text field (may be absent or empty)")
-    answer_column: str = opt("answer", "name of the answer field")
-    template: str = opt("auto", "prompt format; auto: baichuan for Baichuan models, the tokenizer's chat template "
-                        "for chat models, else alpaca", choices=TEMPLATES)
     max_seq_len: int = opt(256, "longest sample in tokens; longer samples lose the end of their query, never "
                            "their answer")
     skip_bad_lines: bool = opt(False, "train on the good records of a file with bad ones (they are listed)")
@@ -53,10 +50,6 @@ class DataArgs:
     max_dev_samples: int | None = opt(1000, "use only the first N dev records for the eval loss")
     prepare_msra_if_missing: bool = opt(False, "when train_file is missing, build the MSRA files in its folder "
                                         "(python dataset.py --prepare msra)")
-
-    @property
-    def columns(self) -> Columns:
-        return Columns(self.instruct_column, self.query_column, self.answer_column)
 
 
 @dataclass
@@ -98,7 +91,7 @@ class TrainArgs:
             raise UserError("--num_epochs must be positive (or set --max_steps).")
 
 
-TRAIN_SECTIONS = [ModelArgs, DataArgs, LoraArgs, TrainArgs]
+TRAIN_SECTIONS = [ModelArgs, PromptArgs, DataArgs, LoraArgs, TrainArgs]
 
 
 # --------------------------------------------------------------------------- files
@@ -332,17 +325,18 @@ def plot_losses(history: list[dict], path: str) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _prepare_inputs(model_args: ModelArgs, data_args: DataArgs, train_args: TrainArgs, log) -> tuple[list, list]:
+def _prepare_inputs(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, train_args: TrainArgs,
+                    log) -> tuple[list, list]:
     """Everything that can fail on bad input, done before a model is loaded."""
     if not os.path.exists(data_args.train_file) and data_args.prepare_msra_if_missing:
         from .msra import prepare_msra
 
         log(f"{data_args.train_file} is missing: preparing the MSRA files in {os.path.dirname(data_args.train_file)}")
         prepare_msra(out_dir=os.path.dirname(data_args.train_file) or ".")
-    train_records = load_records(data_args.train_file, data_args.columns, data_args.skip_bad_lines)
+    train_records = load_records(data_args.train_file, prompt_args.columns, data_args.skip_bad_lines)
     dev_records = []
     if data_args.dev_file:
-        dev_records = load_records(data_args.dev_file, data_args.columns, data_args.skip_bad_lines)
+        dev_records = load_records(data_args.dev_file, prompt_args.columns, data_args.skip_bad_lines)
     if data_args.max_train_samples:
         train_records = train_records[:data_args.max_train_samples]
     if data_args.max_dev_samples:
@@ -372,8 +366,8 @@ def save_adapter(model, tokenizer, dest: str, resolved_config: str) -> str:
     return dest
 
 
-def train(model_args: ModelArgs, data_args: DataArgs, lora_args: LoraArgs, train_args: TrainArgs,
-          log: Callable[[str], None] = print, callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
+          train_args: TrainArgs, log: Callable[[str], None] = print, callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
     """Run (or resume) a training run; return where its outputs are and its last losses.
 
     Each callback is called as callback(step=..., model=..., metrics=...) after every optimizer
@@ -390,13 +384,14 @@ def train(model_args: ModelArgs, data_args: DataArgs, lora_args: LoraArgs, train
         resume = find_resume_point(train_args.resume_from_checkpoint, run_dir)
         if resume is None:
             log(f"no checkpoint in {run_dir}/checkpoints yet: starting from scratch")
-    train_records, dev_records = _prepare_inputs(model_args, data_args, train_args, log)
+    train_records, dev_records = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
     device = resolve_device(model_args.device)
 
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     config = json.load(open(os.path.join(model_args.model_name_or_path, "config.json"), encoding="utf-8"))
-    template = resolve_template(data_args.template, tokenizer, config.get("model_type"))
-    cache_dir = os.path.join(run_dir, "cache")
+    template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
+    # Shared by the runs of one output_dir; entries are keyed by data, tokenizer, template and length.
+    cache_dir = os.path.join(train_args.output_dir, ".cache")
     train_set, train_stats = tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir)
     log(train_stats.describe("train", data_args.max_seq_len))
     if train_stats.samples == 0:
@@ -432,46 +427,72 @@ def train(model_args: ModelArgs, data_args: DataArgs, lora_args: LoraArgs, train
         step, history = load_checkpoint(resume, model, optimizer, scheduler)
         log(f"resumed from {resume} at step {step}")
     os.makedirs(run_dir, exist_ok=True)
-    resolved = dump_yaml(model_args, data_args, lora_args, train_args)
+    resolved = dump_yaml(model_args, prompt_args, data_args, lora_args, train_args)
     with open(os.path.join(run_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
         f.write(resolved)
     metrics = MetricsLog(run_dir, history, train_args.tensorboard, step)
     pad_id = tokenizer.pad_token_id
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    window_loss = window_steps = window_samples = 0
+    window_loss = window_steps = window_samples = skipped = bad_in_a_row = 0
     window_start = time.time()
     accum = train_args.gradient_accumulation_steps
     try:
+        if dev_samples and train_args.eval_steps and step == 0:
+            # The starting point of the dev curve: what the base model scores before any update.
+            metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, train_args.batch_size, pad_id, device))
         while step < total_steps:
             batches = [collate([samples[i] for i in micro_batch_indices(len(samples), train_args.batch_size,
                                                                         train_args.seed, step * accum + m)], pad_id)
                        for m in range(accum)]
             n_tokens = sum(labelled_tokens(b) for b in batches)
             step_loss = 0.0
-            for batch in batches:
+            for m, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = loss_sum(model, batch) / max(1, n_tokens)
                 loss.backward()
-                step_loss += loss.item()
+                micro_loss = loss.item()
+                step_loss += micro_loss
                 window_samples += batch["input_ids"].shape[0]
-            grad_norm = None
-            if train_args.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train_args.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
+                if not math.isfinite(micro_loss):
+                    indices = micro_batch_indices(len(samples), train_args.batch_size, train_args.seed, step * accum + m)
+                    bar.write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices})",
+                              file=sys.stderr)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                params, train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")))
+            if not math.isfinite(grad_norm):
+                # One bad batch must not turn every LoRA weight into NaN for the rest of the run:
+                # skip its update, as loss scalers do, and stop only when it is no longer rare.
+                skipped += 1
+                bad_in_a_row += 1
+                bar.write(f"step {step + 1}: gradient norm {grad_norm}, update skipped ({skipped} so far)",
+                          file=sys.stderr)
+                if bad_in_a_row >= 20 or (step >= 50 and skipped > 0.1 * (step + 1)):
+                    raise UserError(f"{skipped} of {step + 1} steps had non-finite gradients ({bad_in_a_row} in a "
+                                    "row); lower --learning_rate, or use --compute_dtype bfloat16 if it is float16.")
+            else:
+                bad_in_a_row = 0
+                optimizer.step()
+            with warnings.catch_warnings():
+                # After a skipped update PyTorch warns that the scheduler stepped without the optimizer;
+                # that is intended: the schedule follows the step count, as on resume.
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_loss += step_loss
-            window_steps += 1
+            if math.isfinite(step_loss):
+                window_loss += step_loss
+                window_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % train_args.logging_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                values = {"train_loss": window_loss / window_steps, "train_lr": scheduler.get_last_lr()[0],
+                values = {"train_loss": window_loss / max(1, window_steps), "train_lr": scheduler.get_last_lr()[0],
                           "train_samples_per_s": window_samples / max(elapsed, 1e-9)}
-                if grad_norm is not None:
+                if math.isfinite(grad_norm):
                     values["train_grad_norm"] = grad_norm
+                if skipped:
+                    values["train_skipped_steps"] = skipped
                 metrics.log(step, **values)
                 window_loss = window_steps = window_samples = 0
                 window_start = time.time()

@@ -17,7 +17,7 @@ def parse(argv):
 
 
 def test_defaults_reproduce_the_baichuan_msra_run():
-    model, data, lora, train = parse([])
+    model, prompt, data, lora, train = parse([])
     assert model.model_name_or_path == "model_hub/baichuan-7B"
     assert model.quantization == "4bit" and not model.trust_remote_code
     assert data.train_file == "data/msra/train.txt" and data.dev_file == "data/msra/dev.txt"
@@ -29,7 +29,7 @@ def test_yaml_then_command_line_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 3e-4\nlora_r: 16\nlora_target: [W_pack, o_proj]\ndev_file: null\n"
                     "gradient_checkpointing: false\n", encoding="utf-8")
-    model, data, lora, train = parse(["--config", str(path), "--lora_r", "32", "--gradient_checkpointing"])
+    model, prompt, data, lora, train = parse(["--config", str(path), "--lora_r", "32", "--gradient_checkpointing"])
     # YAML 1.1 reads 3e-4 as a string; the option is still a float.
     assert train.learning_rate == pytest.approx(3e-4)
     assert lora.lora_r == 32
@@ -39,7 +39,7 @@ def test_yaml_then_command_line_override(tmp_path):
 
 
 def test_seed_alias_and_comma_lists():
-    model, _, lora, _ = parse(["--base_model", "x/y", "--lora_target", "W_pack,down_proj"])
+    model, _, _, lora, _ = parse(["--base_model", "x/y", "--lora_target", "W_pack,down_proj"])
     assert model.model_name_or_path == "x/y"
     assert lora.lora_target == ["W_pack", "down_proj"]
 
@@ -89,3 +89,21 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_every_shipped_config_parses(path):
     parse(["--config", path])
+
+
+def test_prediction_reads_only_model_and_prompt_from_a_training_config(tmp_path):
+    from cnqlora.data import PromptArgs
+    from cnqlora.inference import PREDICT_SECTIONS
+    from cnqlora.models import ModelArgs
+
+    path = tmp_path / "train_config.yaml"
+    path.write_text("model_name_or_path: m/x\ntemplate: alpaca\nbatch_size: 3\nlearning_rate: 1e-4\nseed: 7\n",
+                    encoding="utf-8")
+    model, prompt, predict, gen = parse_options(PREDICT_SECTIONS, ["--config", str(path)],
+                                                ignored_sections=TRAIN_SECTIONS, yaml_sections=[ModelArgs, PromptArgs])
+    assert model.model_name_or_path == "m/x" and prompt.template == "alpaca"
+    assert gen.batch_size == 32 and gen.seed == 42  # the training values are not the prediction values
+    path.write_text("model_name_or_path: m/x\nbatch_sise: 3\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unknown option 'batch_sise' \\(did you mean 'batch_size'\\?\\)"):
+        parse_options(PREDICT_SECTIONS, ["--config", str(path)], ignored_sections=TRAIN_SECTIONS,
+                      yaml_sections=[ModelArgs, PromptArgs])

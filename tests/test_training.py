@@ -45,7 +45,7 @@ def test_training_writes_a_standard_peft_adapter(tiny_ner_model_dir, ner_data_di
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tb"))
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in logged if "eval_loss" in h] == [3, 6]
+    assert [h["step"] for h in logged if "eval_loss" in h] == [0, 3, 6]
     assert len(train_losses(logged)) == 6
     # The last checkpoint is not written at the end: the adapter is the end.
     assert [os.path.basename(p) for p in list_checkpoints(str(run_dir))] == ["step-000003"]
@@ -193,3 +193,41 @@ def test_skip_bad_lines_trains_on_the_rest(tiny_ner_model_dir, ner_data_dir, tmp
     assert f"{bad}:7: invalid JSON" in captured.err
     assert f"{bad}: skipped 1 bad record(s), kept 12" in captured.err
     assert "train: 12 records -> 12 samples" in captured.out
+
+
+def test_a_non_finite_step_is_skipped_not_spread(tiny_ner_model_dir, ner_data_dir, tmp_path, monkeypatch, capsys):
+    """A NaN loss in one batch skips that update; the adapter stays finite and training goes on."""
+    import math
+
+    import cnqlora.training as training
+
+    real_loss_sum = training.loss_sum
+    calls = {"n": 0}
+
+    def nan_on_third_micro_batch(model, batch):
+        calls["n"] += 1
+        loss = real_loss_sum(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training, "loss_sum", nan_on_third_micro_batch)
+    result = run(tiny_ner_model_dir, ner_data_dir, tmp_path, "--eval_steps", "0")
+    assert result["steps"] == 6
+    logged = [h for h in result["history"] if "train_loss" in h]
+    assert all(math.isfinite(h["train_loss"]) for h in logged)
+    assert logged[-1]["train_skipped_steps"] == 1
+    assert "step 2: gradient norm nan, update skipped (1 so far)" in capsys.readouterr().err
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "adapter_model" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_training_stops_when_non_finite_steps_are_not_rare(tiny_ner_model_dir, ner_data_dir, tmp_path, monkeypatch):
+    import cnqlora.training as training
+    from cnqlora.errors import UserError
+
+    real_loss_sum = training.loss_sum
+    monkeypatch.setattr(training, "loss_sum", lambda model, batch: real_loss_sum(model, batch) * float("inf"))
+    with pytest.raises(UserError, match="20 of 20 steps had non-finite gradients"):
+        run(tiny_ner_model_dir, ner_data_dir, tmp_path, "--max_steps", "30", "--eval_steps", "0", "--save_steps", "0",
+            "--gradient_accumulation_steps", "1")
