@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int = 1000,
-                        character_coverage: float = 1.0) -> str:
+                        character_coverage: float = 1.0, byte_fallback: bool = True) -> str:
     """Train a Baichuan-style SentencePiece BPE model on `texts` and write it to `model_path`."""
     import sentencepiece as spm
 
@@ -30,7 +30,7 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int =
         hard_vocab_limit=False,
         # Below 1.0 the rarest characters are left to byte fallback, as in Baichuan's own model.
         character_coverage=character_coverage,
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
         split_digits=True,
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,

@@ -107,3 +107,15 @@ def test_prediction_reads_only_model_and_prompt_from_a_training_config(tmp_path)
     with pytest.raises(UserError, match="unknown option 'batch_sise' \\(did you mean 'batch_size'\\?\\)"):
         parse_options(PREDICT_SECTIONS, ["--config", str(path)], ignored_sections=TRAIN_SECTIONS,
                       yaml_sections=[ModelArgs, PromptArgs])
+
+
+def test_the_readme_documents_every_option():
+    import dataset
+    import test_baichuan
+    from cnqlora.inference import PREDICT_SECTIONS
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    sections = TRAIN_SECTIONS + PREDICT_SECTIONS + [test_baichuan.CheckArgs, dataset.DatasetArgs]
+    missing = [f"{cls.__name__}.{name}" for cls in sections for name in cls.__dataclass_fields__
+               if f"`{name}`" not in readme and f"`--{name}`" not in readme and f"--{name}" not in readme]
+    assert not missing

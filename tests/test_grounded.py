@@ -553,26 +553,9 @@ def test_byte_fallback_entities(kind, sp_model_path):
 
 def test_tokenizer_without_byte_fallback(tmp_path):
     """Whole-character pieces alone still give the guarantee (no byte pieces at all)."""
-    import sentencepiece as spm
+    from cnqlora.tiny import train_sentencepiece
 
-    path = str(tmp_path / "nobytes.model")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_prefix=str(tmp_path / "nobytes"),
-        model_type="bpe",
-        vocab_size=500,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        byte_fallback=False,
-        add_dummy_prefix=False,
-        normalization_rule_name="identity",
-        user_defined_symbols=["\n"],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    path = train_sentencepiece(CORPUS, str(tmp_path / "nobytes.model"), vocab_size=500, byte_fallback=False)
     tok = _SentencePieceTokenizer(
         vocab_file=path, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )
