@@ -244,7 +244,11 @@ def attach_lora(model, args: LoraArgs, gradient_checkpointing: bool = False):
     if gradient_checkpointing:
         # Non-reentrant checkpointing propagates gradients to the LoRA weights even though the
         # embeddings (the checkpoint's inputs) are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed the method; 5.17 (common on GPU images) only has the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config), targets

@@ -33,6 +33,8 @@ from .config import dump_yaml, opt
 from .data import IGNORE_INDEX, PromptArgs, load_records, resolve_template, tokenize_records
 from .errors import UserError
 from .models import LoraArgs, ModelArgs
+from .batching import BatchStream, plan_by_tokens
+from .speed import FUSED_KERNELS, MEMORY_MODES, apply_fused_kernels, plan_speed, step_context
 
 SCHEDULERS = ("cosine", "linear", "constant")
 
@@ -61,9 +63,8 @@ class TrainArgs:
                         "<output_dir>/<run_name>/adapter_model")
     num_epochs: float = opt(1.0, "passes over the training data")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides num_epochs)")
-    batch_size: int = opt(16, "samples per forward pass")
-    gradient_accumulation_steps: int = opt(4, "forward passes per optimizer step (effective batch = "
-                                           "batch_size x this)")
+    batch_size: int = opt(64, "samples per micro-batch when batching by samples (the seed's 64)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     learning_rate: float = opt(2e-4, "peak learning rate of the LoRA weights")
     lr_scheduler: str = opt("cosine", "learning-rate decay after warm-up", choices=SCHEDULERS)
     warmup_ratio: float = opt(0.03, "share of the steps spent warming up linearly from 0")
@@ -72,12 +73,23 @@ class TrainArgs:
     seed: int = opt(42, "seed of data order, LoRA initialisation and dropout")
     logging_steps: int = opt(10, "log the train loss every N steps")
     eval_steps: int = opt(200, "compute the dev loss every N steps (and at the end); 0 disables")
+    eval_f1_steps: int = opt(0, "every N steps (and at the end) answer eval_f1_samples dev records with greedy "
+                             "decoding and score entity-level F1; the best adapter is kept in <run>/best_adapter; "
+                             "0 disables (NER data only)")
+    eval_f1_samples: int = opt(500, "dev records answered for the dev F1")
+    eval_max_new_tokens: int = opt(96, "longest generated answer for the dev F1")
     save_steps: int = opt(200, "write a resumable checkpoint every N steps; 0 disables")
     save_total_limit: int = opt(2, "keep only the newest N checkpoints")
     resume_from_checkpoint: str | None = opt(None, "continue a run: a checkpoint folder, or auto for the newest "
                                              "one of this run")
-    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass: much less memory, "
-                                       "about 30% more time")
+    memory_mode: str = opt("auto", "fast: keep all activations; lean: recompute each block in the backward pass "
+                           "(activation checkpointing: far less memory, ~1/3 more compute); offload: lean + block "
+                           "inputs in CPU memory; auto: the fastest that fits the GPU's free memory", choices=MEMORY_MODES)
+    max_tokens_per_batch: int | None = opt(None, "fill micro-batches with length-grouped samples up to this many "
+                                           "(padded) tokens instead of batch_size samples; default: from the "
+                                           "memory mode and free memory on a GPU, off on the CPU; 0 = off")
+    fused_kernels: str = opt("auto", "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE; auto: when installed and a "
+                             "CUDA GPU is present", choices=FUSED_KERNELS)
     tensorboard: bool = opt(True, "write TensorBoard logs to <run>/tb")
     create_tiny_model_if_missing: bool = opt(False, "when the model folder is missing, build a tiny random "
                                              "Baichuan-layout model there (the demo; shows the pipeline, not "
@@ -133,16 +145,6 @@ def list_checkpoints(run_dir: str) -> list[str]:
 # --------------------------------------------------------------------------- batches
 
 
-def micro_batch_indices(n_samples: int, batch_size: int, seed: int, position: int) -> list[int]:
-    """The sample indices of micro-batch number `position` of the endless seeded stream."""
-    import torch
-
-    per_epoch = math.ceil(n_samples / batch_size)
-    epoch, index = divmod(position, per_epoch)
-    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return order[index * batch_size:(index + 1) * batch_size]
-
-
 def collate(samples: list[dict[str, list[int]]], pad_id: int):
     """Right-padded tensors; padding is masked out of attention and carries no label."""
     import torch
@@ -164,33 +166,50 @@ def labelled_tokens(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def loss_sum(model, batch: dict[str, Any]):
+def loss_sum(model, batch: dict[str, Any], attention_mask: bool = False):
     """Summed next-token cross-entropy over the labelled positions only.
 
     The LM head runs only where there is a label (about a tenth of the tokens for MSRA), which
-    saves the memory and time of the full (batch, length, vocabulary) logits.
+    saves the memory and time of the full (batch, length, vocabulary) logits. Batches are
+    right-padded, so by default no attention mask is passed: causal attention alone already
+    keeps every real token from seeing padding (see cnqlora.speed), and PyTorch can then use
+    its flash kernel.
     """
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).last_hidden_state
+    mask = batch["attention_mask"] if attention_mask else None
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
-def evaluate_loss(model, samples, batch_size: int, pad_id: int, device: str) -> float:
+def eval_plan(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Dev batches: sorted by length, cut by the token budget (or batch_size); order is irrelevant."""
+    if not lengths:
+        return []
+    if max_tokens:
+        return plan_by_tokens(lengths, max(max_tokens, max(lengths)), seed=0)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device: str, plan=None) -> float:
+    """Mean loss per answer token over the dev samples."""
+    import contextlib
+
     import torch
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(samples[start:start + batch_size], pad_id).items()}
-            total += float(loss_sum(model, batch))
+        for indices in batches:
+            batch = {k: v.to(device) for k, v in collate([samples[i] for i in indices], pad_id).items()}
+            with step_context(plan, device) if plan is not None else contextlib.nullcontext():
+                total += float(loss_sum(model, batch))
             count += labelled_tokens(batch)
     if was_training:
         model.train()
@@ -356,14 +375,32 @@ def _prepare_inputs(model_args: ModelArgs, prompt_args: PromptArgs, data_args: D
     return train_records, dev_records
 
 
-def save_adapter(model, tokenizer, dest: str, resolved_config: str) -> str:
-    """A standard PEFT adapter folder (+ tokenizer and the run's config), replaced atomically."""
+def save_adapter(model, tokenizer, dest: str, resolved_config: str, extra_files: dict[str, str] | None = None) -> str:
+    """A standard PEFT adapter folder (+ tokenizer, the run's config, extra files), replaced atomically."""
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "train_config.yaml"), "w", encoding="utf-8") as f:
-            f.write(resolved_config)
+        for name, content in {"train_config.yaml": resolved_config, **(extra_files or {})}.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(content)
     return dest
+
+
+def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir: str, resolved: str,
+            best_f1: float, best_step: int, bar) -> tuple[float, int]:
+    """Score the dev answers, log them, and keep the adapter if it is the best so far."""
+    from .evaluation import dev_scalars
+
+    result = evaluator(model)
+    scalars = dev_scalars(result)
+    metrics.log(step, **scalars)
+    bar.write(f"step {step}: dev F1 {100 * scalars['dev_f1']:.2f} (P {100 * scalars['dev_precision']:.2f}, "
+              f"R {100 * scalars['dev_recall']:.2f}, unparseable {100 * scalars['dev_unparseable']:.1f}%)")
+    if scalars["dev_f1"] > best_f1:
+        marker = json.dumps({"step": step, **result}, ensure_ascii=False, indent=2)
+        save_adapter(model, tokenizer, os.path.join(run_dir, "best_adapter"), resolved, {"dev_metrics.json": marker})
+        return scalars["dev_f1"], step
+    return best_f1, best_step
 
 
 def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
@@ -376,7 +413,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     import torch
     from tqdm.auto import tqdm
 
-    from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_device
+    from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
 
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
     resume = None
@@ -409,15 +446,21 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     model = load_model(model_args, device)
     log(f"loaded {model_args.model_name_or_path} ({model_args.quantization}, "
         f"{next(p for p in model.parameters() if p.is_floating_point()).dtype}) on {device} in {time.time() - started:.1f}s")
-    model, targets = attach_lora(model, lora_args, train_args.gradient_checkpointing)
+    lengths = [len(x["input_ids"]) for x in samples]
+    plan = plan_speed(train_args.memory_mode, train_args.max_tokens_per_batch, train_args.fused_kernels, model.config,
+                      device, resolve_dtype(model_args.compute_dtype, device), max(lengths))
+    model, targets = attach_lora(model, lora_args, gradient_checkpointing=plan.memory_mode in ("lean", "offload"))
+    if plan.fused_kernels == "liger":
+        apply_fused_kernels(model)
+    log(f"speed: {plan.describe()}")
     trainable, total = count_parameters(model)
     log(f"LoRA r={lora_args.lora_r} on {', '.join(targets)}: {trainable:,} trainable parameters "
         f"of {total:,} ({100 * trainable / total:.3f}%)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
-    micro_per_epoch = math.ceil(len(samples) / train_args.batch_size)
-    total_steps = train_args.max_steps or max(1, math.ceil(train_args.num_epochs * micro_per_epoch
+    stream = BatchStream(lengths, train_args.seed, train_args.batch_size, plan.max_tokens)
+    total_steps = train_args.max_steps or max(1, math.ceil(stream.total_micro_batches(train_args.num_epochs)
                                                           / train_args.gradient_accumulation_steps))
     warmup = int(train_args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_args.lr_scheduler, warmup, total_steps))
@@ -432,6 +475,16 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         f.write(resolved)
     metrics = MetricsLog(run_dir, history, train_args.tensorboard, step)
     pad_id = tokenizer.pad_token_id
+    eval_batches = eval_plan([len(x["input_ids"]) for x in dev_samples], train_args.batch_size, plan.max_tokens)
+    evaluator = None
+    if train_args.eval_f1_steps and dev_records:
+        from .evaluation import DevNerEvaluator, best_so_far
+        from .grounded import allowed_types_from_answers
+
+        types = allowed_types_from_answers(r["answer"] for r in train_records) or None
+        evaluator = DevNerEvaluator(tokenizer, template, dev_records[:train_args.eval_f1_samples], types,
+                                    max_new_tokens=train_args.eval_max_new_tokens)
+        best_f1, best_step = best_so_far(history)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     window_loss = window_steps = window_samples = skipped = bad_in_a_row = 0
@@ -440,22 +493,21 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     try:
         if dev_samples and train_args.eval_steps and step == 0:
             # The starting point of the dev curve: what the base model scores before any update.
-            metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, train_args.batch_size, pad_id, device))
+            metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan))
         while step < total_steps:
-            batches = [collate([samples[i] for i in micro_batch_indices(len(samples), train_args.batch_size,
-                                                                        train_args.seed, step * accum + m)], pad_id)
-                       for m in range(accum)]
+            batches = [collate([samples[i] for i in stream.batch(step * accum + m)], pad_id) for m in range(accum)]
             n_tokens = sum(labelled_tokens(b) for b in batches)
             step_loss = 0.0
             for m, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = loss_sum(model, batch) / max(1, n_tokens)
+                with step_context(plan, device):
+                    loss = loss_sum(model, batch) / max(1, n_tokens)
                 loss.backward()
                 micro_loss = loss.item()
                 step_loss += micro_loss
                 window_samples += batch["input_ids"].shape[0]
                 if not math.isfinite(micro_loss):
-                    indices = micro_batch_indices(len(samples), train_args.batch_size, train_args.seed, step * accum + m)
+                    indices = stream.batch(step * accum + m)
                     bar.write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices})",
                               file=sys.stderr)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -497,9 +549,12 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
                 window_loss = window_steps = window_samples = 0
                 window_start = time.time()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
-                eval_loss = evaluate_loss(model, dev_samples, train_args.batch_size, pad_id, device)
+                eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan)
                 metrics.log(step, eval_loss=eval_loss)
                 bar.write(f"step {step}: dev loss {eval_loss:.4f}")
+            if evaluator is not None and (step % train_args.eval_f1_steps == 0 or step == total_steps):
+                best_f1, best_step = _dev_f1(evaluator, model, tokenizer, metrics, step, run_dir, resolved,
+                                             best_f1, best_step, bar)
             if train_args.save_steps and step % train_args.save_steps == 0 and step < total_steps:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history, train_args.save_total_limit)
             for callback in callbacks:
@@ -513,6 +568,10 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     losses = [h["train_loss"] for h in metrics.history if "train_loss" in h]
     evals = [h["eval_loss"] for h in metrics.history if "eval_loss" in h]
     log(f"adapter saved to {adapter_dir}; loss curves in {os.path.join(run_dir, 'loss.png')}")
+    best = None
+    if evaluator is not None and best_step:
+        best = {"dev_f1": best_f1, "step": best_step, "adapter_dir": os.path.join(run_dir, "best_adapter")}
+        log(f"best dev F1 {100 * best_f1:.2f} at step {best_step}: {best['adapter_dir']}")
     return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, "history": metrics.history,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "last_eval_loss": evals[-1] if evals else None, "template": template}
+            "last_eval_loss": evals[-1] if evals else None, "template": template, "best": best}

@@ -28,14 +28,14 @@ def test_defaults_reproduce_the_baichuan_msra_run():
 def test_yaml_then_command_line_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 3e-4\nlora_r: 16\nlora_target: [W_pack, o_proj]\ndev_file: null\n"
-                    "gradient_checkpointing: false\n", encoding="utf-8")
-    model, prompt, data, lora, train = parse(["--config", str(path), "--lora_r", "32", "--gradient_checkpointing"])
+                    "memory_mode: fast\n", encoding="utf-8")
+    model, prompt, data, lora, train = parse(["--config", str(path), "--lora_r", "32", "--memory_mode", "lean"])
     # YAML 1.1 reads 3e-4 as a string; the option is still a float.
     assert train.learning_rate == pytest.approx(3e-4)
     assert lora.lora_r == 32
     assert lora.lora_target == ["W_pack", "o_proj"]
     assert data.dev_file is None
-    assert train.gradient_checkpointing is True
+    assert train.memory_mode == "lean"
 
 
 def test_seed_alias_and_comma_lists():

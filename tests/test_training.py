@@ -19,7 +19,7 @@ def options(model_dir, data_dir, out_dir, *extra):
             "--device", "cpu", "--quantization", "4bit", "--max_seq_len", "96", "--batch_size", "4",
             "--gradient_accumulation_steps", "2", "--max_steps", "6", "--learning_rate", "5e-3",
             "--lora_dropout", "0.1", "--logging_steps", "1", "--eval_steps", "3", "--save_steps", "3",
-            "--gradient_checkpointing", "false", *extra]
+            "--memory_mode", "fast", *extra]
     return parse_options(TRAIN_SECTIONS, argv)
 
 
@@ -187,7 +187,7 @@ def test_skip_bad_lines_trains_on_the_rest(tiny_ner_model_dir, ner_data_dir, tmp
     bad.write_text("\n".join(lines[:6] + ["not json"] + lines[6:]) + "\n", encoding="utf-8")
     argv = ["--model_name_or_path", tiny_ner_model_dir, "--train_file", str(bad), "--dev_file", "none",
             "--skip_bad_lines", "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--batch_size", "4",
-            "--gradient_checkpointing", "false", "--tensorboard", "false"]
+            "--memory_mode", "fast", "--tensorboard", "false"]
     assert run_command(baichuan_qlora.main, argv) == 0
     captured = capsys.readouterr()
     assert f"{bad}:7: invalid JSON" in captured.err

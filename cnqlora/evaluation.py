@@ -1,0 +1,63 @@
+"""Task metrics on the dev set during training: generate answers, score them, keep the best adapter.
+
+The dev loss says how well the model predicts the reference tokens; what a user cares about is
+whether the generated answers are right. Every `eval_f1_steps` the model answers a fixed sample
+of dev records with the same batched greedy decoding as predict.py, `metrics.ner_metrics`
+scores them, and the adapter with the best dev F1 so far is kept in `<run>/best_adapter`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .data import encode_prompt
+from .generation import GenerationArgs, generate_ids, length_sorted_batches
+from .grounded import allowed_types_from_answers, ner_text_from_query
+from .metrics import ner_metrics
+
+
+class DevNerEvaluator:
+    """Scores a model's greedy answers on dev records (entity-level P/R/F1 and format checks)."""
+
+    def __init__(self, tokenizer, template: str, records: list[dict[str, Any]], types: list[str] | None = None,
+                 batch_size: int = 64, max_new_tokens: int = 96) -> None:
+        self.tokenizer = tokenizer
+        self.records = records
+        self.types = types or allowed_types_from_answers(r["answer"] for r in records) or None
+        self.prompts = [encode_prompt(tokenizer, template, r["instruct"], r["query"]).ids for r in records]
+        self.gen = GenerationArgs(max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def __call__(self, model) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        outputs: dict[int, str] = {}
+        try:
+            for window in length_sorted_batches([len(p) for p in self.prompts], self.gen.batch_size,
+                                                window=len(self.prompts)):
+                for batch in window:
+                    rows = generate_ids(model, self.tokenizer, [self.prompts[i] for i in batch], self.gen)
+                    texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+                    outputs.update(zip(batch, texts))
+        finally:
+            if was_training:
+                model.train()
+        predictions = [outputs[i] for i in range(len(self.records))]
+        return ner_metrics(predictions, [r["answer"] for r in self.records],
+                           texts=[ner_text_from_query(r["query"] or r["instruct"]) for r in self.records],
+                           types=self.types)
+
+
+def dev_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth a TensorBoard curve."""
+    micro = result["micro"]
+    return {"dev_f1": micro["f1"], "dev_precision": micro["precision"], "dev_recall": micro["recall"],
+            "dev_exact_match": result["exact_match"], "dev_unparseable": result["unparseable"]}
+
+
+def best_so_far(history: list[dict[str, Any]]) -> tuple[float, int]:
+    """(best dev F1, its step) in a run's logged history; (-1, 0) when there is none yet."""
+    best, step = -1.0, 0
+    for entry in history:
+        if "dev_f1" in entry and entry["dev_f1"] > best:
+            best, step = entry["dev_f1"], entry["step"]
+    return best, step
