@@ -5,7 +5,7 @@
 # Expects on the GPU machine: /tmp/up/q00..q08 (the GGUF in pieces, from shared/tools/qwen05b
 # chunks), wheels in .whl/ (bitsandbytes, datasets, dill, multiprocess, gguf) and the MSRA
 # corpus in .up/dh_msra.txt. Training is sized to the time left: a 15-step probe measures
-# samples/s, then the real run takes as many steps as fit (at most one epoch).
+# steps/s, then the real run takes as many steps as fit in TRAIN_BUDGET_S.
 #   bash bench/msra_qwen_gpu.sh [TRAIN_BUDGET_S] [EXTRA TRAINING OPTIONS...]
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -23,12 +23,12 @@ fi
 python3 dataset.py --prepare msra --source .up/dh_msra.txt --out data/msra
 runs=/tmp/runs
 python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
-  --output_dir $runs --run_name probe --max_steps 15 --logging_steps 5 --eval_steps 0 --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; }
-rate=$(python3 -c "import json; h=[json.loads(l) for l in open('$runs/probe/metrics.jsonl')]; print(h[-1]['train_samples_per_s'])")
-steps=$(python3 -c "import math; print(min(math.ceil(48658/32), int($budget*$rate/32)))")
-echo "probe: $rate samples/s -> $steps steps in ${budget}s (setup took $(( $(date +%s) - t0 ))s)"
+  --output_dir $runs --run_name probe --max_steps 15 --logging_steps 5 --eval_steps 0 --eval_f1_steps 0 --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; }
+read rate steps_per_s < <(python3 -c "import json; h=[json.loads(l) for l in open('$runs/probe/metrics.jsonl')]; print(h[-1]['train_samples_per_s'], h[-1]['train_steps_per_s'])")
+steps=$(python3 -c "print(int($budget * $steps_per_s))")
+echo "probe: $rate samples/s, $steps_per_s steps/s -> $steps steps in ${budget}s (setup took $(( $(date +%s) - t0 ))s)"
 python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
-  --output_dir $runs --max_steps $steps --eval_steps 250 --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; } | tee $OUT/train.log
+  --output_dir $runs --max_steps $steps --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; } | tee $OUT/train.log
 cp $runs/msra_qwen0.5b/metrics.jsonl $runs/msra_qwen0.5b/loss.png $OUT/
 python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
   --lora_model $runs/msra_qwen0.5b/adapter_model --data_file data/msra/test.txt \

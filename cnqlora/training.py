@@ -487,7 +487,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         best_f1, best_step = best_so_far(history)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    window_loss = window_steps = window_samples = skipped = bad_in_a_row = 0
+    window_loss = window_steps = window_samples = window_count = skipped = bad_in_a_row = 0
     window_start = time.time()
     accum = train_args.gradient_accumulation_steps
     try:
@@ -532,6 +532,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            window_count += 1
             if math.isfinite(step_loss):
                 window_loss += step_loss
                 window_steps += 1
@@ -540,13 +541,14 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
             if step % train_args.logging_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
                 values = {"train_loss": window_loss / max(1, window_steps), "train_lr": scheduler.get_last_lr()[0],
-                          "train_samples_per_s": window_samples / max(elapsed, 1e-9)}
+                          "train_samples_per_s": window_samples / max(elapsed, 1e-9),
+                          "train_steps_per_s": window_count / max(elapsed, 1e-9)}
                 if math.isfinite(grad_norm):
                     values["train_grad_norm"] = grad_norm
                 if skipped:
                     values["train_skipped_steps"] = skipped
                 metrics.log(step, **values)
-                window_loss = window_steps = window_samples = 0
+                window_loss = window_steps = window_samples = window_count = 0
                 window_start = time.time()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
                 eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan)

@@ -1,0 +1,168 @@
+"""The GPU benchmarks (bench/*.py) run end to end in --tiny mode on the CPU.
+
+GPU time is scarce, so everything but the CUDA-only measurements (matmul peak, memory stats) is
+exercised here: data preparation, the random 4-bit model, every training recipe, the plain-vs-fast
+check, the seed's prediction loop, the batched paths and the merged model.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_speed():
+    return load("train_speed")
+
+
+@pytest.fixture(scope="module")
+def predict_speed():
+    return load("predict_speed")
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """Rows of the last markdown table printed, by their first cell."""
+    block = out.strip().split("\n\n")[-1].splitlines()
+    assert block[0].startswith("| ") and block[1].startswith("| ---"), out[-2000:]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in block[2:])}
+
+
+# The seed recipe deliberately keeps the seed's calls (peft's default, reentrant checkpointing).
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning",
+                            "ignore:.*use_reentrant.*:UserWarning")
+def test_train_speed_tiny_runs_every_recipe_and_the_check(train_speed, tmp_path, capsys):
+    report = tmp_path / "train.json"
+    rc = train_speed.main(["--tiny", "--workdir", str(tmp_path / "data"), "--json", str(report),
+                           "--steps", "2", "--warmup", "1", "--check_steps", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    rows = table_rows(out)
+    assert set(rows) == set(train_speed.RECIPES)
+    assert all(row[-1] == "ok" for row in rows.values()), rows
+    data = json.loads(report.read_text())
+    for name, result in data["recipes"].items():
+        assert result["samples_per_s"] > 0 and result["tokens_per_s"] > 0, name
+        assert result["steps"] == 2 and math.isfinite(result["mean_loss"]), name
+        assert result["tokens"] > result["samples"], name
+    assert data["recipes"]["seed"]["ratio_to_seed"] == pytest.approx(1.0)
+    assert data["recipes"]["seed"]["trainable"] == 2 * 8 * 64 * 4  # r * (in + 3 * in) per layer, 2 layers
+    check = data["check"]
+    assert check["status"] == "ok" and check["steps"] == 2
+    losses = [check[k] for k in ("eval_loss_before", "eval_loss_plain", "eval_loss_fast",
+                                 "last_step_loss_plain", "last_step_loss_fast")]
+    assert all(math.isfinite(x) for x in losses), check
+    assert check["eval_loss_plain"] < check["eval_loss_before"]  # it trains
+    # On the CPU both paths compute in fp32 (no autocast): they must agree to rounding.
+    assert check["eval_rel_diff"] < 1e-4 and check["last_step_rel_diff"] < 1e-4, check
+    assert check["verdict"].startswith("MATCH") and check["grad_cosine"] > 0.9999
+    assert "Check after 2 steps" in out and "data:" in out and "recipe seed:" in out
+
+
+def test_the_check_catches_a_fast_path_that_trains_on_shifted_labels(train_speed, tmp_path, monkeypatch, capsys):
+    import torch.nn.functional as F
+
+    plain_loss_sum = train_speed.loss_sum
+
+    def shifted(model, batch, attention_mask=False):
+        if attention_mask:  # the common evaluator stays right
+            return plain_loss_sum(model, batch, attention_mask)
+        base = model.get_base_model()
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        logits = base.get_output_embeddings()(hidden[:, 1:][keep])  # predicts the current token
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+    monkeypatch.setattr(train_speed, "loss_sum", shifted)
+    report = tmp_path / "check.json"
+    train_speed.main(["--tiny", "--workdir", str(tmp_path), "--recipes", "", "--check_steps", "2",
+                      "--json", str(report)])
+    assert "MISMATCH" in capsys.readouterr().out
+    assert json.loads(report.read_text())["check"]["grad_cosine"] < 0.99
+
+
+def test_train_speed_time_budget_skips_and_still_reports(train_speed, tmp_path, capsys):
+    rc = train_speed.main(["--tiny", "--workdir", str(tmp_path), "--recipes", "seed,lean-4096",
+                           "--time_budget", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = table_rows(out)
+    assert list(rows) == ["seed", "lean-4096"]
+    assert all("skipped" in row[-1] for row in rows.values())
+    assert "SKIPPED the plain-vs-fast check" in out
+
+
+def test_train_speed_rejects_unknown_recipes(train_speed):
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--tiny", "--recipes", "seed,fastest"])
+
+
+def test_seed_samples_are_cut_to_192_and_padded_with_eos(train_speed, tmp_path):
+    from bench import common
+
+    _, tokenizer_path = common.write_tiny_inputs(str(tmp_path))
+    tokenizer = common.load_tokenizer(tokenizer_path)
+    short = {"instruct": "找实体", "query": "文本：北京", "answer": "北京_地名"}
+    ids, labels, real = train_speed.seed_encode(tokenizer, short)
+    prompt = tokenizer.encode(common.seed_prompt(short), add_special_tokens=False)
+    assert len(ids) == len(labels) == train_speed.SEED_LEN
+    assert ids[real:] == [tokenizer.eos_token_id] * (train_speed.SEED_LEN - real)
+    assert labels[:len(prompt)] == [-100] * len(prompt) and set(labels[real:]) == {-100}
+    # "<s>" and "</s>" written in the target are the special tokens, as in the seed.
+    target = labels[len(prompt):real]
+    assert target[0] == tokenizer.bos_token_id and target[-1] == tokenizer.eos_token_id
+    long = dict(short, query="文本：" + "北京上海" * 200)
+    ids, labels, real = train_speed.seed_encode(tokenizer, long)
+    assert real == train_speed.SEED_LEN and set(labels) == {-100}  # the seed's cut loses the answer
+
+
+def test_random_nf4_model_and_its_dequantised_copy_compute_the_same(tmp_path):
+    import bitsandbytes as bnb
+
+    from bench import common
+
+    config = common.model_config(tiny=True, vocab_size=300)
+    model = common.build_model(config, "cpu", seed=3, compute_dtype=torch.float32).eval()
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 2 * 5 and model.is_loaded_in_4bit
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        quantised = model(input_ids=ids).logits
+        common.dequantize_model(model, torch.float32)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, quantised, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_speed_tiny_runs_every_path(predict_speed, tmp_path, capsys):
+    report = tmp_path / "predict.json"
+    rc = predict_speed.main(["--tiny", "--workdir", str(tmp_path / "data"), "--json", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    rows = table_rows(out)
+    assert list(rows) == ["seed-loop", "batched-nf4", "batched-merged"]
+    assert all(row[-1] == "ok" for row in rows.values()), rows
+    paths = json.loads(report.read_text())["paths"]
+    for name, result in paths.items():
+        assert result["sentences_per_s"] > 0, name
+        assert result["min_new_tokens"] == result["max_new_tokens"] == 16, name  # EOS never ends a row early
+    assert paths["seed-loop"]["sentences"] == 4
+    assert paths["batched-nf4"]["sentences"] == paths["batched-merged"]["sentences"] == 80  # the tiny test split
+    assert paths["batched-merged"]["same_output_as_nf4"] >= 0.9
+    assert "vs the seed's loop" in out
