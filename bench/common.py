@@ -23,7 +23,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -119,6 +118,18 @@ class Budget:
 # --------------------------------------------------------------------------- command line
 
 
+def begin(args: argparse.Namespace) -> tuple[Phases, Budget, str, dict[str, Any]]:
+    """What both scripts do first: clock, phases, time budget, device check, the report's header."""
+    start_clock()
+    device = "cpu" if args.tiny else "cuda"
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU visible; use --tiny for the CPU smoke run")
+    phases = Phases()
+    report: dict[str, Any] = {"tiny": args.tiny, "environment": environment(device), "phases": phases.seconds,
+                              "args": {k: v for k, v in vars(args).items() if k != "recipe_list"}}
+    return phases, Budget(args.time_budget), device, report
+
+
 def add_common_args(parser: argparse.ArgumentParser, time_budget: float) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke mode: tiny model, generated corpus and tokenizer (no /work/shared needed)")
@@ -162,48 +173,14 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, int]:
 
 # --------------------------------------------------------------------------- data
 
-_PEOPLE = ["张伟", "王芳", "李娜", "刘洋", "陈静", "杨帆", "赵磊", "黄敏", "周恩来", "欧阳修"]
-_PLACES = ["北京", "上海", "广州", "深圳", "杭州", "南京", "武汉", "成都", "香港", "新疆维吾尔自治区"]
-_ORGS = ["新华社", "清华大学", "人民银行", "国家统计局", "北京大学", "中国银行", "联合国安理会"]
-_FILLERS = ["今天", "昨天", "在", "访问了", "会见", "表示", "发展", "经济", "问题", "工作", "会议", "已经",
-            "取得", "进展", "，", "的", "和", "我们", "改革", "开放", "１９９７年", "记者"]
-
-
-def synthetic_msra(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """MSRA-like sentences as (char, BIO tag) pairs; about 40% without an entity, lengths 10-120 chars."""
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(n):
-        pairs: list[tuple[str, str]] = []
-        with_entities = rng.random() > 0.4
-        for _ in range(rng.randint(4, 40)):
-            kind = rng.random() if with_entities else 1.0
-            if kind < 0.12:
-                word, tag = rng.choice(_PEOPLE), "PER"
-            elif kind < 0.24:
-                word, tag = rng.choice(_PLACES), "LOC"
-            elif kind < 0.3:
-                word, tag = rng.choice(_ORGS), "ORG"
-            else:
-                word, tag = rng.choice(_FILLERS), None
-            for i, ch in enumerate(word):
-                pairs.append((ch, "O" if tag is None else ("B-" if i == 0 else "I-") + tag))
-        pairs.append(("。", "O"))
-        sentences.append(pairs)
-    return sentences
-
-
 def write_tiny_inputs(workdir: str, seed: int = 0) -> tuple[str, str]:
     """A synthetic tagged corpus and a SentencePiece model trained on its prompts."""
-    from cnqlora.tiny import train_sentencepiece
+    from cnqlora.tiny import synthetic_ner_sentences, train_sentencepiece, write_bio
 
     os.makedirs(workdir, exist_ok=True)
     corpus = os.path.join(workdir, "tiny_msra.txt")
-    sentences = synthetic_msra(TINY_SENTENCES, seed)
-    with open(corpus, "w", encoding="utf-8") as f:
-        for sentence in sentences:
-            f.writelines(f"{ch}\t{tag}\n" for ch, tag in sentence)
-            f.write("\n")
+    sentences = synthetic_ner_sentences(TINY_SENTENCES, seed, words=(4, 40))
+    write_bio(corpus, sentences)
     texts = [seed_prompt(r) + r["answer"] for r in
              (sentence_to_record([c for c, _ in s], [t for _, t in s]) for s in sentences)]
     tokenizer = train_sentencepiece(texts, os.path.join(workdir, "tokenizer.model"), vocab_size=800)

@@ -144,14 +144,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common.start_clock()
-    phases = common.Phases()
-    budget = common.Budget(args.time_budget)
-    device = "cpu" if args.tiny else "cuda"
-    if not args.tiny and not torch.cuda.is_available():
-        sys.exit("no CUDA GPU visible; use --tiny for the CPU smoke run")
-    report: dict[str, Any] = {"tiny": args.tiny, "environment": common.environment(device), "phases": phases.seconds,
-                              "args": vars(args)}
+    phases, budget, device, report = common.begin(args)
     results: dict[str, dict[str, Any]] = {}
     report["paths"] = results
 

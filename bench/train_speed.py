@@ -439,14 +439,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common.start_clock()
-    phases = common.Phases()
-    budget = common.Budget(args.time_budget)
-    device = "cpu" if args.tiny else "cuda"
-    if not args.tiny and not torch.cuda.is_available():
-        sys.exit("no CUDA GPU visible; use --tiny for the CPU smoke run")
-    report: dict[str, Any] = {"tiny": args.tiny, "environment": common.environment(device), "phases": phases.seconds,
-                              "args": {k: v for k, v in vars(args).items() if k != "recipe_list"}}
+    phases, budget, device, report = common.begin(args)
 
     with phases("data"):
         corpus, tokenizer_path, train_sentences = common.resolve_inputs(args)

@@ -293,3 +293,50 @@ def write_tiny_baichuan(
     )
     _write_baichuan_weights(out_dir, state, weights, shards)
     return out_dir
+
+
+_PEOPLE = ["张伟", "王芳", "李娜", "刘洋", "陈静", "杨帆", "赵磊", "黄敏", "周恩来", "欧阳修"]
+_PLACES = ["北京", "上海", "广州", "深圳", "杭州", "南京", "武汉", "成都", "香港", "新疆维吾尔自治区"]
+_ORGS = ["新华社", "清华大学", "人民银行", "国家统计局", "北京大学", "中国银行", "联合国安理会"]
+_FILLERS = ["今天", "昨天", "在", "访问了", "会见", "表示", "发展", "经济", "问题", "工作", "会议", "已经",
+            "取得", "进展", "，", "的", "和", "我们", "改革", "开放", "１９９７年", "记者"]
+
+
+def synthetic_ner_sentences(n: int, seed: int = 0, words: tuple[int, int] = (4, 9)) -> list[list[tuple[str, str]]]:
+    """MSRA-like sentences as (char, BIO tag) pairs, for tests and CPU smoke runs that must not download.
+
+    About 40% have no entity (as in MSRA); the others mix people, places and organisations
+    (multi-character, some repeated within a sentence) with filler words.
+    """
+    import random
+
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        pairs: list[tuple[str, str]] = []
+        with_entities = rng.random() > 0.4
+        for _ in range(rng.randint(*words)):
+            kind = rng.random() if with_entities else 1.0
+            if kind < 0.2:
+                word, tag = rng.choice(_PEOPLE), "PER"
+            elif kind < 0.4:
+                word, tag = rng.choice(_PLACES), "LOC"
+            elif kind < 0.5:
+                word, tag = rng.choice(_ORGS), "ORG"
+            else:
+                word, tag = rng.choice(_FILLERS), None
+            for i, ch in enumerate(word):
+                pairs.append((ch, "O" if tag is None else ("B-" if i == 0 else "I-") + tag))
+        pairs.append(("。", "O"))
+        sentences.append(pairs)
+    return sentences
+
+
+def write_bio(path: str, sentences: list[list[tuple[str, str]]]) -> str:
+    """Write sentences as a char<TAB>tag corpus (MSRA's format), a blank line after each."""
+    with open(path, "w", encoding="utf-8") as f:
+        for sentence in sentences:
+            for ch, tag in sentence:
+                f.write(f"{ch}\t{tag}\n")
+            f.write("\n")
+    return path

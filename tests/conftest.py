@@ -56,9 +56,9 @@ def tiny_baichuan2_dir(tmp_path_factory, tiny_texts) -> str:
 @pytest.fixture(scope="session")
 def ner_bio_file(tmp_path_factory) -> str:
     """A synthetic MSRA-like BIO corpus of 400 sentences."""
-    from ner_corpus import synthetic_sentences, write_bio
+    from cnqlora.tiny import synthetic_ner_sentences, write_bio
 
-    return write_bio(str(tmp_path_factory.mktemp("bio") / "corpus.txt"), synthetic_sentences(400))
+    return write_bio(str(tmp_path_factory.mktemp("bio") / "corpus.txt"), synthetic_ner_sentences(400))
 
 
 @pytest.fixture(scope="session")

@@ -157,20 +157,10 @@ def test_offload_mode_keeps_saved_tensors_on_the_cpu_and_the_same_gradients(lora
 
 @pytest.mark.parametrize("extra", [("--memory_mode", "lean"), ("--max_tokens_per_batch", "400")])
 def test_lean_and_token_batched_training_runs_resume_exactly(tiny_ner_model_dir, ner_data_dir, tmp_path, extra):
-    from test_training import run, train_losses
+    from test_training import crash_then_resume, run, train_losses
 
     full = run(tiny_ner_model_dir, ner_data_dir, tmp_path / "a", *extra)
-
-    class Crash(Exception):
-        pass
-
-    def crash(step, **_):
-        if step == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", *extra, callbacks=[crash])
-    resumed = run(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", *extra, "--resume_from_checkpoint", "auto")
+    resumed = crash_then_resume(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", *extra)
     assert train_losses(resumed["history"]) == pytest.approx(train_losses(full["history"]), rel=1e-5)
 
 

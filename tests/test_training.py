@@ -27,6 +27,22 @@ def run(model_dir, data_dir, out_dir, *extra, callbacks=()):
     return train(*options(model_dir, data_dir, out_dir, *extra), log=lambda _: None, callbacks=callbacks)
 
 
+def crash_then_resume(model_dir, data_dir, out_dir, *extra, crash_step=5):
+    """A run that dies after `crash_step` steps (no final adapter), then `--resume_from_checkpoint auto`."""
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, **_):
+        if step == crash_step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(model_dir, data_dir, out_dir, *extra, callbacks=[crash])
+    assert not (out_dir / "run" / "adapter_model").exists()
+    return run(model_dir, data_dir, out_dir, *extra, "--resume_from_checkpoint", "auto")
+
+
 def train_losses(history):
     return [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
 
@@ -78,18 +94,7 @@ def test_adapter_save_then_load_gives_identical_logits(tiny_ner_model_dir, tmp_p
 
 def test_a_resumed_run_reproduces_the_uninterrupted_one(tiny_ner_model_dir, ner_data_dir, tmp_path):
     full = run(tiny_ner_model_dir, ner_data_dir, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_5(step, **_):
-        if step == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", callbacks=[crash_at_5])
-    assert not (tmp_path / "b" / "run" / "adapter_model").exists()
-    resumed = run(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", "--resume_from_checkpoint", "auto")
+    resumed = crash_then_resume(tiny_ner_model_dir, ner_data_dir, tmp_path / "b")
 
     assert resumed["steps"] == 6
     assert train_losses(resumed["history"]) == pytest.approx(train_losses(full["history"]), rel=1e-5)
