@@ -3,16 +3,17 @@
 One run lives in `checkpoint/<run_name>/`:
 
     adapter_model/       the final PEFT adapter (safetensors), tokenizer, train_config.yaml
+    best_adapter/        with eval_f1_steps: the adapter of the best dev F1, dev_metrics.json
     checkpoints/step-N/  adapter + optimizer, scheduler, RNG states and the step (resume points)
     tb/                  TensorBoard logs
     metrics.jsonl        every logged value, one JSON object per line
     loss.png             train and dev loss curves
 
-Batches are drawn from a stream that depends only on the seed: epoch e is a permutation seeded
-with seed + e, cut into micro-batches, and optimizer step k consumes micro-batches
-[k * accum, (k + 1) * accum) of that stream. The step number alone therefore fixes the data
-position, and a resumed run replays exactly the batches (and, with the RNG states restored, the
-dropout masks) that the uninterrupted run would have seen.
+Micro-batches come from a stream that depends only on the seed (`batching.BatchStream`), and
+optimizer step k consumes micro-batches [k * accum, (k + 1) * accum) of it. The step number
+alone therefore fixes the data position, and a resumed run replays exactly the batches (and,
+with the RNG states restored, the dropout masks) that the uninterrupted run would have seen.
+How a step runs fast (memory mode, token budget, kernels, autocast) is `speed`'s concern.
 """
 
 from __future__ import annotations
@@ -404,7 +405,8 @@ def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir
 
 
 def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
-          train_args: TrainArgs, log: Callable[[str], None] = print, callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+          train_args: TrainArgs, log: Callable[[str], None] = print,
+          callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
     """Run (or resume) a training run; return where its outputs are and its last losses.
 
     Each callback is called as callback(step=..., model=..., metrics=...) after every optimizer
@@ -425,8 +427,9 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     device = resolve_device(model_args.device)
 
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
-    config = json.load(open(os.path.join(model_args.model_name_or_path, "config.json"), encoding="utf-8"))
-    template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
+    with open(os.path.join(model_args.model_name_or_path, "config.json"), encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    template = resolve_template(prompt_args.template, tokenizer, model_type)
     # Shared by the runs of one output_dir; entries are keyed by data, tokenizer, template and length.
     cache_dir = os.path.join(train_args.output_dir, ".cache")
     train_set, train_stats = tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir)
@@ -487,7 +490,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         best_f1, best_step = best_so_far(history)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    window_loss = window_steps = window_samples = window_count = skipped = bad_in_a_row = 0
+    window_loss = window_finite = window_samples = window_count = skipped = bad_in_a_row = 0
     window_start = time.time()
     accum = train_args.gradient_accumulation_steps
     try:
@@ -535,12 +538,12 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
             window_count += 1
             if math.isfinite(step_loss):
                 window_loss += step_loss
-                window_steps += 1
+                window_finite += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % train_args.logging_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                values = {"train_loss": window_loss / max(1, window_steps), "train_lr": scheduler.get_last_lr()[0],
+                values = {"train_loss": window_loss / max(1, window_finite), "train_lr": scheduler.get_last_lr()[0],
                           "train_samples_per_s": window_samples / max(elapsed, 1e-9),
                           "train_steps_per_s": window_count / max(elapsed, 1e-9)}
                 if math.isfinite(grad_norm):
@@ -548,7 +551,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
                 if skipped:
                     values["train_skipped_steps"] = skipped
                 metrics.log(step, **values)
-                window_loss = window_steps = window_samples = window_count = 0
+                window_loss = window_finite = window_samples = window_count = 0
                 window_start = time.time()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
                 eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan)
