@@ -87,6 +87,14 @@ def test_interactive_mode_through_stdin(loaded):
     interactive(loaded, args, GenerationArgs(max_new_tokens=4), stdin=io.StringIO("张伟\n"), out=out)
     assert "bye (1 answered)" in out.getvalue()
 
+    class CtrlC(io.StringIO):
+        def readline(self, *_):
+            raise KeyboardInterrupt
+
+    out = io.StringIO()
+    assert interactive(loaded, args, GenerationArgs(max_new_tokens=4), stdin=CtrlC(), out=out) == 0
+    assert "bye (0 answered)" in out.getvalue()
+
 
 def test_the_seeds_interactive_command_line(tiny_ner_model_dir, adapter_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("你现在是一个实体识别模型。文本：王芳在上海\n\n"))
