@@ -66,15 +66,13 @@ def check(args):
           f"mean characters: prompt {sum(len(r['instruct']) + len(r['query']) for r in records) / len(records):.1f}, "
           f"answer {sum(len(r['answer']) for r in records) / len(records):.1f}")
     if args.tokenizer_path:
-        import json
-        import os
-
+        from cnqlora.baichuan import is_baichuan_folder
         from cnqlora.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer_path)
-        config_path = os.path.join(args.tokenizer_path, "config.json")
-        model_type = json.load(open(config_path, encoding="utf-8")).get("model_type") if os.path.isfile(config_path) else None
-        template = resolve_template(args.template, tokenizer, model_type)
+        # the template only needs to know whether this is Baichuan (auto picks the seed's format)
+        template = resolve_template(args.template, tokenizer,
+                                    "baichuan" if is_baichuan_folder(args.tokenizer_path) else None)
         _, stats = tokenize_records(records, tokenizer, template, args.max_seq_len)
         print(f"template {template}: " + stats.describe("tokens", args.max_seq_len))
 

@@ -292,12 +292,6 @@ def encode_prompt(tokenizer: Any, template: str, instruct: str, query: str = "",
     return EncodedPrompt(ids, len(query_ids), len(kept))
 
 
-def prompt_overhead(tokenizer: Any, template: str, instruct: str, query: str) -> int:
-    """Prompt tokens other than the query's."""
-    full = encode_prompt(tokenizer, template, instruct, query, max_query_tokens=0)
-    return len(full.ids)
-
-
 def eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; the model could never learn to stop. "

@@ -147,10 +147,6 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def is_baichuan(config: Any) -> bool:
-    return getattr(config, "model_type", None) == "baichuan" or (isinstance(config, dict) and config.get("model_type") == "baichuan")
-
-
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer of a model folder; Baichuan's SentencePiece tokenizer without its remote code."""
     check_tokenizer_folder(path)

@@ -346,7 +346,7 @@ def plot_losses(history: list[dict], path: str) -> None:
 
 
 def _prepare_inputs(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, train_args: TrainArgs,
-                    log) -> tuple[list, list]:
+                    log) -> tuple[list, list, dict]:
     """Everything that can fail on bad input, done before a model is loaded."""
     if not os.path.exists(data_args.train_file) and data_args.prepare_msra_if_missing:
         from .msra import prepare_msra
@@ -371,9 +371,9 @@ def _prepare_inputs(model_args: ModelArgs, prompt_args: PromptArgs, data_args: D
         write_tiny_baichuan(model_args.model_name_or_path, texts, vocab_size=8000)
     from .models import check_model_folder
 
-    check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
-                       trust_remote_code=model_args.trust_remote_code)
-    return train_records, dev_records
+    config = check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
+                                trust_remote_code=model_args.trust_remote_code)
+    return train_records, dev_records, config
 
 
 def save_adapter(model, tokenizer, dest: str, resolved_config: str, extra_files: dict[str, str] | None = None) -> str:
@@ -423,13 +423,11 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         resume = find_resume_point(train_args.resume_from_checkpoint, run_dir)
         if resume is None:
             log(f"no checkpoint in {run_dir}/checkpoints yet: starting from scratch")
-    train_records, dev_records = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
+    train_records, dev_records, model_config = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
     device = resolve_device(model_args.device)
 
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
-    with open(os.path.join(model_args.model_name_or_path, "config.json"), encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    template = resolve_template(prompt_args.template, tokenizer, model_type)
+    template = resolve_template(prompt_args.template, tokenizer, model_config.get("model_type"))
     # Shared by the runs of one output_dir; entries are keyed by data, tokenizer, template and length.
     cache_dir = os.path.join(train_args.output_dir, ".cache")
     train_set, train_stats = tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir)
