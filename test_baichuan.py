@@ -32,6 +32,7 @@ def main(argv=None):
     import time
 
     from cnqlora.config import parse_options
+    from cnqlora.data import encode_text
     from cnqlora.generation import GenerationArgs, generate_ids
     from cnqlora.models import ModelArgs, check_model_folder, load_model, load_tokenizer, resolve_device
 
@@ -50,9 +51,7 @@ def main(argv=None):
           f"{model_args.quantization}, compute {dtype}, on {device}")
     print(f"load time: {loaded:.1f}s; memory: {memory_gib(device):.2f} GiB ({'GPU peak' if device != 'cpu' else 'process peak RSS'})")
 
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False)
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
+    ids = encode_text(tokenizer, args.prompt)
     gen = GenerationArgs(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     generate_ids(model, tokenizer, [ids], GenerationArgs(max_new_tokens=2))  # warm-up: kernels, caches
     started = time.time()

@@ -706,8 +706,9 @@ def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None, 
 
 def _prompt_ids(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     """(ids of the text alone, ids fed to the model: BOS + text, as the plain templates start)."""
-    text = list(tokenizer.encode(prompt, add_special_tokens=False))
-    return text, ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + text
+    from .data import encode_text
+
+    return list(tokenizer.encode(prompt, add_special_tokens=False)), encode_text(tokenizer, prompt)
 
 
 def _greedy(model, ids: list[int], max_new_tokens: int, eos: Any) -> list[int]:

@@ -271,6 +271,11 @@ def _bos(tokenizer: Any, template: str) -> list[int]:
     return [tokenizer.bos_token_id]
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Plain text as a model input, without a template: BOS (when the tokenizer has one) + text."""
+    return _bos(tokenizer, "plain") + _encode(tokenizer, text)
+
+
 @dataclass
 class EncodedPrompt:
     ids: list[int]

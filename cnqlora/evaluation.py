@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .data import encode_prompt
-from .generation import GenerationArgs, generate_ids, length_sorted_batches
+from .generation import GenerationArgs, generate_batch, length_sorted_batches
 from .grounded import allowed_types_from_answers, ner_text_from_query
 from .metrics import ner_metrics
 
@@ -35,9 +35,8 @@ class DevNerEvaluator:
             for window in length_sorted_batches([len(p) for p in self.prompts], self.gen.batch_size,
                                                 window=len(self.prompts)):
                 for batch in window:
-                    rows = generate_ids(model, self.tokenizer, [self.prompts[i] for i in batch], self.gen)
-                    texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-                    outputs.update(zip(batch, texts))
+                    outputs.update(zip(batch, generate_batch(model, self.tokenizer, [self.prompts[i] for i in batch],
+                                                             self.gen)))
         finally:
             if was_training:
                 model.train()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .config import opt
-from .data import PromptArgs, encode_prompt, load_records, read_records, resolve_template, utf8_lines
+from .data import PromptArgs, encode_prompt, encode_text, load_records, read_records, resolve_template, utf8_lines
 from .errors import UserError
 from .generation import GenerationArgs, TextStream, generate_batch, length_sorted_batches
 from .models import ModelArgs
@@ -144,9 +144,7 @@ def _typed_item(text: str, args: PredictArgs, line: int = 0) -> Item:
 def prompt_ids(tokenizer, template: str, item: Item, with_prompt: bool) -> list[int]:
     if with_prompt:
         return encode_prompt(tokenizer, template, item.instruct, item.query).ids
-    text = item.instruct + ("\n" + item.query if item.query else "")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_text(tokenizer, item.instruct + ("\n" + item.query if item.query else ""))
 
 
 # --------------------------------------------------------------------------- grounded decoding
@@ -171,7 +169,8 @@ def _types_from_training_data(adapter: str) -> list[str]:
     config_path = os.path.join(adapter, "train_config.yaml")
     if not os.path.isfile(config_path):
         return []
-    config = yaml.safe_load(open(config_path, encoding="utf-8")) or {}
+    with open(config_path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
     train_file = config.get("train_file")
     if not train_file or not os.path.isfile(train_file):
         return []
@@ -212,6 +211,7 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
         print(f"+ 指令 instruction: {args.instruct}", file=out)
     print(BANNER, file=out)
     answered = 0
+    types = entity_types(args, []) if args.grounded else []
     torch.manual_seed(gen.seed)
     try:
         while True:
@@ -224,8 +224,7 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
             ids = prompt_ids(loaded.tokenizer, loaded.template, item, args.with_prompt)
             out.write("Response: ")
             stream = TextStream(loaded.tokenizer, out, skip_prompt_tokens=len(ids))
-            factory = grounded_factory(loaded.tokenizer, [item.query or item.instruct],
-                                       entity_types(args, [])) if args.grounded else None
+            factory = grounded_factory(loaded.tokenizer, [item.query or item.instruct], types) if args.grounded else None
             generate_batch(loaded.model, loaded.tokenizer, [ids], gen, factory, streamer=stream)
             out.write("\n\n")
             answered += 1

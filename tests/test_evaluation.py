@@ -23,15 +23,15 @@ def test_the_evaluator_maps_answers_back_to_their_records(tiny_ner_model_dir, ne
     by_prompt = {tuple(p): r["answer"] for p, r in zip(evaluator.prompts, records)}
 
     def perfect(model, tok, prompts, gen):
-        return [tok.encode(by_prompt[tuple(p)], add_special_tokens=False) for p in prompts]
+        return [by_prompt[tuple(p)] for p in prompts]
 
-    monkeypatch.setattr(evaluation, "generate_ids", perfect)
+    monkeypatch.setattr(evaluation, "generate_batch", perfect)
     model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"))
     result = evaluator(model)
     assert result["records"] == 12 and result["exact_match"] == 1.0 and result["unparseable"] == 0.0
     assert result["micro"]["tp"] > 0 and result["micro"]["f1"] == 1.0
 
-    monkeypatch.setattr(evaluation, "generate_ids", lambda m, tok, prompts, gen: [[] for _ in prompts])
+    monkeypatch.setattr(evaluation, "generate_batch", lambda m, tok, prompts, gen: ["" for _ in prompts])
     empty = evaluator(model)
     assert empty["unparseable"] == 1.0 and empty["micro"]["tp"] == 0
 
