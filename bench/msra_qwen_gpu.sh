@@ -1,37 +1,76 @@
 #!/usr/bin/env bash
-# One GPU call: QLoRA on the real Qwen2.5-Coder-0.5B-Instruct for MSRA NER, then the official
-# test split through predict.py's batched greedy path, within the device tool's 10 minutes.
+# QLoRA on the real Qwen2.5-Coder-0.5B-Instruct for MSRA NER on a GPU machine that cannot
+# download anything, in stages that each fit the device tool's 10-minute calls. State lives in
+# /tmp (wheels, model, data, runs), so later calls on the same warm machine continue the work.
 #
-# Expects on the GPU machine: /tmp/up/q00..q08 (the GGUF in pieces, from shared/tools/qwen05b
-# chunks), wheels in .whl/ (bitsandbytes, datasets, dill, multiprocess, gguf) and the MSRA
-# corpus in .up/dh_msra.txt. Training is sized to the time left: a 15-step probe measures
-# steps/s, then the real run takes as many steps as fit in TRAIN_BUDGET_S.
-#   bash bench/msra_qwen_gpu.sh [TRAIN_BUDGET_S] [EXTRA TRAINING OPTIONS...]
+#   bash bench/msra_qwen_gpu.sh setup            # wheels from .whl/, MSRA from .up/dh_msra.txt,
+#                                                # the GGUF from /tmp/up/q00..q08 once all are there
+#   bash bench/msra_qwen_gpu.sh train RUN [TRAINING OPTIONS...]
+#                                                # configs/msra_qwen0.5b.yaml; resumes RUN's newest
+#                                                # checkpoint, so a call cut short loses little
+#   bash bench/msra_qwen_gpu.sh test RUN plain|grounded [PREDICT OPTIONS...]
+#                                                # the official test split with RUN's best_adapter
+#                                                # (best dev F1); resumes a torn predictions file;
+#                                                # RUN=zeroshot: the base model without an adapter
+#
+# The GGUF pieces come from `shared/tools/qwen05b chunks DIR` (see bench/NOTES.md for how they
+# are moved). Results go to $OUT/RUN/ (metrics, predictions, logs).
 set -euo pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-budget=${1:-300}; shift || true
-t0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-python3 -c "import torch, transformers, peft, bitsandbytes, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'datasets', datasets.__version__, torch.cuda.get_device_name())"
-if [ ! -d /tmp/qwen-hf ]; then
-  cat /tmp/up/q* > /tmp/model.gguf
-  echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/model.gguf" | sha256sum -c
-  python3 bench/gguf_to_hf.py /tmp/model.gguf /tmp/qwen-hf
-fi
-python3 dataset.py --prepare msra --source .up/dh_msra.txt --out data/msra
-runs=/tmp/runs
-python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
-  --output_dir $runs --run_name probe --max_steps 15 --logging_steps 5 --eval_steps 0 --eval_f1_steps 0 --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; }
-read rate steps_per_s < <(python3 -c "import json; h=[json.loads(l) for l in open('$runs/probe/metrics.jsonl')]; print(h[-1]['train_samples_per_s'], h[-1]['train_steps_per_s'])")
-steps=$(python3 -c "print(int($budget * $steps_per_s))")
-echo "probe: $rate samples/s, $steps_per_s steps/s -> $steps steps in ${budget}s (setup took $(( $(date +%s) - t0 ))s)"
-python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
-  --output_dir $runs --max_steps $steps --save_steps 0 "$@" 2>&1 | { grep -v "step/s\]\|s/step\]\|it/s\]" || true; } | tee $OUT/train.log
-cp $runs/msra_qwen0.5b/metrics.jsonl $runs/msra_qwen0.5b/loss.png $OUT/
-python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path /tmp/qwen-hf \
-  --lora_model $runs/msra_qwen0.5b/adapter_model --data_file data/msra/test.txt \
-  --predictions_file $OUT/test.predictions.jsonl --metrics_file $OUT/test.metrics.json \
-  --batch_size 128 --max_new_tokens 96 2>&1 | { grep -v "sent/s\]\|it/s\]" || true; } | tee $OUT/test.log
-echo "total $(( $(date +%s) - t0 ))s"
+# progress bars redraw in place; one line every 30 s is enough in a log
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=30
+OUT=${OUT:-/tmp/out}
+MODEL=/tmp/qwen-hf
+DATA=/tmp/msra
+RUNS=/tmp/runs
+GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+quiet() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^ *$' || true; }
+
+stage=${1:?stage: setup, train or test}; shift
+mkdir -p "$OUT" $RUNS
+
+case $stage in
+setup)
+  if [ -d .whl ] && [ ! -e /tmp/site/.done ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    touch /tmp/site/.done
+  fi
+  if [ -f .up/dh_msra.txt ] && [ ! -f $DATA/test.txt ]; then
+    python3 dataset.py --prepare msra --source .up/dh_msra.txt --out $DATA
+  fi
+  if [ ! -f $MODEL/config.json ] && [ "$(ls /tmp/up/q0? 2>/dev/null | wc -l)" = 9 ]; then
+    cat /tmp/up/q0? > /tmp/model.gguf
+    echo "$GGUF_SHA256  /tmp/model.gguf" | sha256sum -c
+    python3 bench/gguf_to_hf.py /tmp/model.gguf $MODEL
+  fi
+  python3 -c "import torch, transformers, peft, bitsandbytes, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'datasets', datasets.__version__, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])"
+  ;;
+train)
+  run=${1:?run name}; shift
+  mkdir -p "$OUT/$run"
+  ${TIMEOUT:+timeout $TIMEOUT} python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
+    --train_file $DATA/train.txt --dev_file $DATA/dev.txt --output_dir $RUNS --run_name "$run" \
+    --resume_from_checkpoint auto "$@" 2>&1 | quiet | tee -a $RUNS/$run.train.log \
+    || echo "training stopped early (exit $?); the next 'train $run' resumes it"
+  cp $RUNS/$run.train.log "$OUT/$run/"
+  cp $RUNS/$run/metrics.jsonl "$OUT/$run/" 2>/dev/null || true
+  cp $RUNS/$run/best_adapter/dev_metrics.json "$OUT/$run/" 2>/dev/null || true
+  ;;
+test)
+  run=${1:?run name}; mode=${2:?plain or grounded}; shift 2
+  flag=""; [ "$mode" = grounded ] && flag=--grounded
+  adapter=(--lora_model $RUNS/$run/best_adapter); [ "$run" = zeroshot ] && adapter=()
+  mkdir -p "$OUT/$run"
+  # the longest official test answer is 231 Qwen tokens
+  ${TIMEOUT:+timeout $TIMEOUT} python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
+    "${adapter[@]}" --data_file $DATA/test.txt --types 人名,地名,机构名 $flag \
+    --predictions_file $RUNS/$run/test.$mode.jsonl --metrics_file $RUNS/$run/test.$mode.metrics.json \
+    --resume --batch_size 128 --max_new_tokens 256 "$@" 2>&1 | quiet | tee -a $RUNS/$run.test.$mode.log \
+    || echo "prediction stopped early (exit $?); the next 'test $run $mode' resumes it"
+  cp $RUNS/$run/test.$mode.jsonl $RUNS/$run.test.$mode.log "$OUT/$run/"
+  cp $RUNS/$run/test.$mode.metrics.json "$OUT/$run/" 2>/dev/null || true
+  ;;
+*)
+  echo "unknown stage $stage: setup, train or test" >&2; exit 2
+  ;;
+esac

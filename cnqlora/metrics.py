@@ -65,6 +65,8 @@ __all__ = [
     "format_metrics",
     "metric_value",
     "METRIC_NAMES",
+    "ERROR_KINDS",
+    "error_kinds",
 ]
 
 NONE_ANSWER = "没有"
@@ -218,6 +220,55 @@ class NerScorer:
             "records_without_reference": self._without_reference,
             "references_not_well_formed": self._bad_references,
         }
+
+
+ERROR_KINDS = {
+    "wrong_type": "right span, wrong type",
+    "too_long": "span too long (contains a reference entity of its type)",
+    "too_short": "span too short (inside a reference entity of its type)",
+    "nested_other_type": "nested with a reference entity of another type",
+    "spurious": "spurious: no reference entity shares a string with it",
+    "missed": "missed: no predicted entity shares a string with it",
+}
+
+
+def error_kinds(prediction: str, reference: str, types: Collection[str] | None = None) -> dict[str, int]:
+    """Why one record's (entity, type) pairs disagree, as counts of the ERROR_KINDS.
+
+    Each false positive gets the first kind that fits, in the order of ERROR_KINDS, judged
+    against the record's missed reference pairs; "nested" means one string contains the other
+    (the answers carry no offsets). A missed pair that no false positive was judged against is
+    `missed`, counted per type as `missed:<type>` too.
+    """
+    checked = _check_types(types)
+    pred, gold = set(_parse(prediction, checked).entities), set(_parse(reference, checked).entities)
+    false_pos, missed = sorted(pred - gold), sorted(gold - pred)
+    counts: dict[str, int] = {}
+    explained: set[Pair] = set()
+
+    def count(kind: str) -> None:
+        counts[kind] = counts.get(kind, 0) + 1
+
+    for entity, etype in false_pos:
+        nested = [g for g in missed if entity in g[0] or g[0] in entity]
+        same_string = [g for g in nested if g[0] == entity]
+        same_type = [g for g in nested if g[1] == etype]
+        if same_string:
+            kind, partner = "wrong_type", same_string[0]
+        elif same_type:
+            partner = same_type[0]
+            kind = "too_long" if partner[0] in entity else "too_short"
+        elif nested:
+            kind, partner = "nested_other_type", nested[0]
+        else:
+            count("spurious")
+            continue
+        count(kind)
+        explained.add(partner)
+    for _, etype in (g for g in missed if g not in explained):
+        count("missed")
+        count(f"missed:{etype}")
+    return counts
 
 
 def ner_metrics(

@@ -166,3 +166,34 @@ def test_predict_speed_tiny_runs_every_path(predict_speed, tmp_path, capsys):
     assert paths["batched-nf4"]["sentences"] == paths["batched-merged"]["sentences"] == 80  # the tiny test split
     assert paths["batched-merged"]["same_output_as_nf4"] >= 0.9
     assert "vs the seed's loop" in out
+
+
+def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
+    ner_errors = load("ner_errors")
+    names = "".join(f"人{i}" for i in range(10))
+    rows = [
+        {"input": "文本：罗冰生在上海", "output": "冰生_人名\n上海_地名", "reference": "罗冰生_人名\n上海_地名"},
+        {"input": "文本：今天很好", "output": "今天_地名", "reference": "没有"},
+        {"input": "文本：" + names, "output": "\n".join(f"人{i}_人名" for i in range(8)),
+         "reference": "\n".join(f"人{i}_人名" for i in range(10))},
+    ]
+    path = tmp_path / "pred.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert ner_errors.main([str(path), "--types", "人名,地名,机构名", "--dense", "10", "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    # tp 1 + 8, fp 2 (冰生, 今天), fn 1 + 2 (罗冰生, 人8, 人9)
+    assert "3 records: P 81.82 R 75.00 F1 78.26 (2 false, 3 missed entities)" in out
+    assert "| span too short (inside a reference entity of its type) | 1 |" in out
+    assert "| spurious: no reference entity shares a string with it | 1 |" in out
+    assert "| missed 人名 | 2 |" in out
+    assert ("1 records with >= 10 reference entities hold 10 of 12; they have 2 of the 3 misses and 0 of the 2 "
+            "false entities; F1 of the other records 40.00") in out  # 2*1 / (2*1 + 2 + 1)
+    assert "output:    '今天_地名'" in out
+
+
+def test_ner_errors_refuses_a_file_without_references(tmp_path):
+    ner_errors = load("ner_errors")
+    path = tmp_path / "pred.jsonl"
+    path.write_text(json.dumps({"input": "x", "output": "没有", "reference": None}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"pred.jsonl:1: no reference"):
+        ner_errors.main([str(path)])

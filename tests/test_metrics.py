@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from cnqlora.metrics import (
+    ERROR_KINDS,
+    error_kinds,
     METRIC_NAMES,
     NerScorer,
     format_metrics,
@@ -376,3 +378,35 @@ def test_import_does_not_pull_torch():
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- error kinds
+
+
+def test_error_kinds_classify_each_false_pair_against_the_missed_ones():
+    reference = "罗冰生_人名\n上海_地名\n北京_地名\n张三_人名\n新华社北京分社_机构名\n东非大裂谷_地名\n闻韶派出所_机构名"
+    prediction = "冰生_人名\n上海_人名\n北京_地名\n新华社_机构名\n东非大裂谷以东_地名\n韶_地名\n统一大业_机构名"
+    assert error_kinds(prediction, reference) == {
+        "too_short": 2,            # 冰生 in 罗冰生, 新华社 in 新华社北京分社
+        "wrong_type": 1,           # 上海 is a 地名
+        "too_long": 1,             # 东非大裂谷以东 contains 东非大裂谷
+        "nested_other_type": 1,    # 韶 (地名) inside 闻韶派出所 (机构名)
+        "spurious": 1,             # 统一大业
+        "missed": 1, "missed:人名": 1,  # 张三; every other missed pair explains a false one
+    }
+
+
+def test_error_kinds_of_a_correct_or_empty_answer_are_empty():
+    assert error_kinds("没有", "没有") == {}
+    assert error_kinds("北京_地名\n北京_地名", "北京_地名") == {}
+    assert error_kinds("没有", "北京_地名\n人民日报_机构名") == {
+        "missed": 2, "missed:地名": 1, "missed:机构名": 1}
+
+
+def test_error_kinds_respect_types_and_cover_every_kind_name():
+    # with types, a line of an unknown type is a bad line: neither false nor missed
+    assert error_kinds("北京_城市", "北京_地名", types=["地名"]) == {"missed": 1, "missed:地名": 1}
+    assert error_kinds("北京_城市", "北京_地名") == {"wrong_type": 1}
+    kinds = error_kinds("冰生_人名\n上海_人名\n大裂谷以东_地名\n韶_地名\n统一_机构名",
+                        "罗冰生_人名\n上海_地名\n大裂谷_地名\n闻韶所_机构名\n张三_人名")
+    assert set(kinds) == set(ERROR_KINDS) | {"missed:人名"}

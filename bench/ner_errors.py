@@ -1,0 +1,106 @@
+"""What a predictions file gets wrong: error kinds, and how much the entity-dense sentences cost.
+
+    python bench/ner_errors.py checkpoint/msra_qwen0.5b/test.predictions.jsonl
+    python bench/ner_errors.py PRED.jsonl --types 人名,地名,机构名 --dense 10 --examples 3
+
+Reads predict.py's JSON Lines output (`input`, `output`, `reference`) and prints:
+- the micro P/R/F1 (cnqlora.metrics.ner_metrics, the numbers predict.py prints);
+- every false or missed (entity, type) pair by kind (cnqlora.metrics.error_kinds);
+- the sentences with at least --dense reference entities (in MSRA mostly lists of names with
+  no separators): their share of the errors and the F1 of the rest;
+- with --examples K, the first K records showing each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cnqlora.metrics import ERROR_KINDS, error_kinds, ner_metrics, parse_answer  # noqa: E402
+
+
+def read_predictions(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("reference") is None:
+                raise SystemExit(f"{path}:{number}: no reference; error kinds need the expected answer")
+            rows.append(row)
+    return rows
+
+
+def micro(rows: list[dict], types: list[str] | None) -> dict:
+    return ner_metrics([r["output"] for r in rows], [r["reference"] for r in rows],
+                       [r.get("input", "") for r in rows], types)["micro"]
+
+
+def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
+    totals: dict[str, int] = {}
+    per_row = []
+    for row in rows:
+        kinds = error_kinds(row["output"], row["reference"], types)
+        per_row.append(kinds)
+        for kind, n in kinds.items():
+            totals[kind] = totals.get(kind, 0) + n
+    is_dense = [len(parse_answer(r["reference"], types).entities) >= dense for r in rows]
+    dense_rows = [r for r, d in zip(rows, is_dense) if d]
+    other_rows = [r for r, d in zip(rows, is_dense) if not d]
+    all_micro = micro(rows, types)
+    dense_micro = micro(dense_rows, types) if dense_rows else None
+    return {
+        "records": len(rows), "micro": all_micro, "kinds": totals, "per_row": per_row,
+        "dense": {"threshold": dense, "records": len(dense_rows),
+                  "gold": (dense_micro["tp"] + dense_micro["fn"]) if dense_micro else 0,
+                  "fp": dense_micro["fp"] if dense_micro else 0, "fn": dense_micro["fn"] if dense_micro else 0,
+                  "f1_without": micro(other_rows, types)["f1"] if other_rows else None},
+    }
+
+
+def report(result: dict, rows: list[dict], examples: int) -> str:
+    m = result["micro"]
+    lines = [f"{result['records']} records: P {100 * m['precision']:.2f} R {100 * m['recall']:.2f} "
+             f"F1 {100 * m['f1']:.2f} ({m['fp']} false, {m['fn']} missed entities)", "",
+             "| kind | count |", "| --- | --- |"]
+    kinds = result["kinds"]
+    for key, label in ERROR_KINDS.items():
+        lines.append(f"| {label} | {kinds.get(key, 0)} |")
+    for key in sorted(k for k in kinds if k.startswith("missed:")):
+        lines.append(f"| missed {key.split(':', 1)[1]} | {kinds[key]} |")
+    d = result["dense"]
+    lines.append("")
+    lines.append(f"{d['records']} records with >= {d['threshold']} reference entities hold {d['gold']} of "
+                 f"{m['tp'] + m['fn']}; they have {d['fn']} of the {m['fn']} misses and {d['fp']} of the "
+                 f"{m['fp']} false entities" + (f"; F1 of the other records {100 * d['f1_without']:.2f}"
+                                                if d["f1_without"] is not None else ""))
+    if examples:
+        for key, label in ERROR_KINDS.items():
+            shown = [r for r, k in zip(rows, result["per_row"]) if k.get(key)][:examples]
+            if shown:
+                lines.append(f"\n{label}:")
+                for r in shown:
+                    lines.append(f"  {r.get('input', '')}\n    output:    {r['output']!r}\n    reference: {r['reference']!r}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("predictions", help="predict.py's --predictions_file (JSON Lines with references)")
+    parser.add_argument("--types", default="", help="comma-separated entity types (default: any type)")
+    parser.add_argument("--dense", type=int, default=10, help="reference entities that make a record dense")
+    parser.add_argument("--examples", type=int, default=0, help="records to show per error kind")
+    args = parser.parse_args(argv)
+    types = [t for t in args.types.split(",") if t] or None
+    rows = read_predictions(args.predictions)
+    print(report(analyse(rows, types, args.dense), rows, args.examples))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
