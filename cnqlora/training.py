@@ -404,6 +404,77 @@ def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir
     return best_f1, best_step
 
 
+class _SkipGuard:
+    """Decides whether an update with this gradient norm is applied.
+
+    One bad batch must not turn every LoRA weight into NaN for the rest of the run: an update with
+    a non-finite gradient is skipped, as loss scalers do, and the run stops only when such steps
+    are no longer rare (20 in a row, or more than 10% after 50 steps).
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def allows(self, grad_norm: float, step: int, write: Callable[..., None]) -> bool:
+        if math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        write(f"step {step + 1}: gradient norm {grad_norm}, update skipped ({self.skipped} so far)", file=sys.stderr)
+        if self.in_a_row >= 20 or (step >= 50 and self.skipped > 0.1 * (step + 1)):
+            raise UserError(f"{self.skipped} of {step + 1} steps had non-finite gradients ({self.in_a_row} in a "
+                            "row); lower --learning_rate, or use --compute_dtype bfloat16 if it is float16.")
+        return False
+
+
+class _LogWindow:
+    """Train loss and throughput over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = 0.0
+        self.finite = self.samples = self.steps = 0
+        self.start = time.time()
+
+    def add(self, step_loss: float, samples: int) -> None:
+        self.steps += 1
+        self.samples += samples
+        if math.isfinite(step_loss):  # a skipped step's loss would poison the mean
+            self.loss += step_loss
+            self.finite += 1
+
+    def values(self) -> dict[str, float]:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return {"train_loss": self.loss / max(1, self.finite), "train_samples_per_s": self.samples / elapsed,
+                "train_steps_per_s": self.steps / elapsed}
+
+
+def _forward_backward(model, batches: list[dict[str, Any]], device: str, plan, write: Callable[..., None],
+                      step: int, indices: Callable[[int], list[int]]) -> tuple[float, int]:
+    """Accumulate the gradients of one optimizer step's micro-batches; return its loss and samples.
+
+    The loss is summed over every labelled token of the step and divided once by their count, so
+    a step's gradient does not depend on how its samples were split into micro-batches.
+    """
+    n_tokens = max(1, sum(labelled_tokens(b) for b in batches))
+    step_loss, samples = 0.0, 0
+    for m, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with step_context(plan, device):
+            loss = loss_sum(model, batch) / n_tokens
+        loss.backward()
+        micro_loss = loss.item()
+        step_loss += micro_loss
+        samples += batch["input_ids"].shape[0]
+        if not math.isfinite(micro_loss):
+            write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices(m)})", file=sys.stderr)
+    return step_loss, samples
+
+
 def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
           train_args: TrainArgs, log: Callable[[str], None] = print,
           callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
@@ -488,43 +559,20 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         best_f1, best_step = best_so_far(history)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    window_loss = window_finite = window_samples = window_count = skipped = bad_in_a_row = 0
-    window_start = time.time()
+    guard, window = _SkipGuard(), _LogWindow()
     accum = train_args.gradient_accumulation_steps
+    max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")
     try:
         if dev_samples and train_args.eval_steps and step == 0:
             # The starting point of the dev curve: what the base model scores before any update.
             metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan))
         while step < total_steps:
-            batches = [collate([samples[i] for i in stream.batch(step * accum + m)], pad_id) for m in range(accum)]
-            n_tokens = sum(labelled_tokens(b) for b in batches)
-            step_loss = 0.0
-            for m, batch in enumerate(batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with step_context(plan, device):
-                    loss = loss_sum(model, batch) / max(1, n_tokens)
-                loss.backward()
-                micro_loss = loss.item()
-                step_loss += micro_loss
-                window_samples += batch["input_ids"].shape[0]
-                if not math.isfinite(micro_loss):
-                    indices = stream.batch(step * accum + m)
-                    bar.write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices})",
-                              file=sys.stderr)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                params, train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")))
-            if not math.isfinite(grad_norm):
-                # One bad batch must not turn every LoRA weight into NaN for the rest of the run:
-                # skip its update, as loss scalers do, and stop only when it is no longer rare.
-                skipped += 1
-                bad_in_a_row += 1
-                bar.write(f"step {step + 1}: gradient norm {grad_norm}, update skipped ({skipped} so far)",
-                          file=sys.stderr)
-                if bad_in_a_row >= 20 or (step >= 50 and skipped > 0.1 * (step + 1)):
-                    raise UserError(f"{skipped} of {step + 1} steps had non-finite gradients ({bad_in_a_row} in a "
-                                    "row); lower --learning_rate, or use --compute_dtype bfloat16 if it is float16.")
-            else:
-                bad_in_a_row = 0
+            first = step * accum
+            batches = [collate([samples[i] for i in stream.batch(first + m)], pad_id) for m in range(accum)]
+            step_loss, n_samples = _forward_backward(model, batches, device, plan, bar.write, step,
+                                                     lambda m: stream.batch(first + m))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if guard.allows(grad_norm, step, bar.write):
                 optimizer.step()
             with warnings.catch_warnings():
                 # After a skipped update PyTorch warns that the scheduler stepped without the optimizer;
@@ -533,24 +581,17 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            window_count += 1
-            if math.isfinite(step_loss):
-                window_loss += step_loss
-                window_finite += 1
+            window.add(step_loss, n_samples)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % train_args.logging_steps == 0 or step == total_steps:
-                elapsed = time.time() - window_start
-                values = {"train_loss": window_loss / max(1, window_finite), "train_lr": scheduler.get_last_lr()[0],
-                          "train_samples_per_s": window_samples / max(elapsed, 1e-9),
-                          "train_steps_per_s": window_count / max(elapsed, 1e-9)}
+                values = {**window.values(), "train_lr": scheduler.get_last_lr()[0]}
                 if math.isfinite(grad_norm):
                     values["train_grad_norm"] = grad_norm
-                if skipped:
-                    values["train_skipped_steps"] = skipped
+                if guard.skipped:
+                    values["train_skipped_steps"] = guard.skipped
                 metrics.log(step, **values)
-                window_loss = window_finite = window_samples = window_count = 0
-                window_start = time.time()
+                window.reset()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
                 eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan)
                 metrics.log(step, eval_loss=eval_loss)
