@@ -668,9 +668,14 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
 # =========================================================================== checking a merge
 
 
-def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None, n: int = 2) -> list[str]:
-    """A few prompts in the adapter's own training format (train_config.yaml), else generic ones."""
-    from .data import Columns, prompt_segments, read_records, resolve_template
+def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None,
+                          n: int = 2) -> list[tuple[str, list[int]]]:
+    """A few prompts in the adapter's own training format (train_config.yaml), else generic ones.
+
+    Each is (its text, the ids encode_prompt gives it): the model sees exactly what it was
+    trained on, and the text checks that the merged folder's tokenizer gives the same ids.
+    """
+    from .data import Columns, encode_prompt, read_records, resolve_template
 
     settings: dict[str, Any] = {}
     config_file = os.path.join(adapter_path, "train_config.yaml")
@@ -700,15 +705,24 @@ def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None, 
     generic = [{"instruct": "找出下面句子中的人名、地名和机构名。", "query": "王小明在北京大学读书，后来去了上海。"},
                {"instruct": "Describe the weather today in one sentence.", "query": ""}]
     records += generic[: max(0, n - len(records))]
-    return ["".join(prompt_segments(tokenizer, template, r.get("instruct", ""), r.get("query", "") or ""))
-            for r in records]
+    prompts = []
+    for r in records:
+        instruct, query = r.get("instruct", ""), r.get("query", "") or ""
+        prompts.append(("\n".join(filter(None, (instruct, query))),
+                        encode_prompt(tokenizer, template, instruct, query).ids))
+    return prompts
 
 
-def _prompt_ids(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
-    """(ids of the text alone, ids fed to the model: BOS + text, as the plain templates start)."""
+def _prompt_ids(tokenizer, prompt: str | tuple[str, list[int]]) -> tuple[str, list[int], list[int]]:
+    """(text, ids of the text alone, ids fed to the model) of a check prompt.
+
+    A plain string is fed as BOS + text, as the plain templates start; a (text, ids) pair from
+    default_check_prompts is fed as its ids.
+    """
     from .data import encode_text
 
-    return list(tokenizer.encode(prompt, add_special_tokens=False)), encode_text(tokenizer, prompt)
+    text, ids = prompt if isinstance(prompt, tuple) else (prompt, encode_text(tokenizer, prompt))
+    return text, list(tokenizer.encode(text, add_special_tokens=False)), list(ids)
 
 
 def _greedy(model, ids: list[int], max_new_tokens: int, eos: Any) -> list[int]:
@@ -731,12 +745,12 @@ def _logits(model, ids: list[int]):
         return model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float().cpu()
 
 
-def _reference_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+def _reference_outputs(model, tokenizer, prompts: list, max_new_tokens: int) -> list[dict[str, Any]]:
     model.eval()
     eos = tokenizer.eos_token_id
     out = []
-    for prompt in prompts:
-        text_ids, ids = _prompt_ids(tokenizer, prompt)
+    for item in prompts:
+        prompt, text_ids, ids = _prompt_ids(tokenizer, item)
         generated = _greedy(model, ids, max_new_tokens, eos)
         logits = _logits(model, ids + generated)
         # How far the adapter moves the base: a merge error is only meaningful next to this.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cnqlora.adapters import (
+    default_check_prompts,
     MERGE_MARKER,
     TOLERANCES,
     attach_adapter,
@@ -517,3 +518,23 @@ def test_llama_base_merges_with_save_pretrained(merged_pair, tiny_baichuan_dir, 
     assert not any("lora" in n for n, _ in merged.named_modules())
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_check_prompts_are_the_adapters_training_prompts(tiny_baichuan_dir, tmp_path):
+    from cnqlora.data import encode_prompt
+
+    tokenizer = load_tokenizer(tiny_baichuan_dir)
+    data = tmp_path / "dev.txt"
+    data.write_text(json.dumps({"instruct": "找出人名", "query": "文本：王小明在北京", "answer": "王小明_人名"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "train_config.yaml").write_text(f"template: alpaca\ndev_file: {data}\n", encoding="utf-8")
+    prompts = default_check_prompts(str(adapter), tokenizer, "baichuan")
+    assert prompts[0] == ("找出人名\n文本：王小明在北京", encode_prompt(tokenizer, "alpaca", "找出人名", "文本：王小明在北京").ids)
+    # the second falls back to a generic prompt, in the same template
+    assert prompts[1][1] == encode_prompt(tokenizer, "alpaca", *prompts[1][0].split("\n", 1)).ids
+    # no train_config.yaml: the model type's template (the seed's for Baichuan)
+    (adapter / "train_config.yaml").unlink()
+    text, ids = default_check_prompts(str(adapter), tokenizer, "baichuan", n=1)[0]
+    assert ids == encode_prompt(tokenizer, "baichuan", *text.split("\n", 1)).ids
