@@ -236,3 +236,24 @@ def test_training_stops_when_non_finite_steps_are_not_rare(tiny_ner_model_dir, n
     with pytest.raises(UserError, match="20 of 20 steps had non-finite gradients"):
         run(tiny_ner_model_dir, ner_data_dir, tmp_path, "--max_steps", "30", "--eval_steps", "0", "--save_steps", "0",
             "--gradient_accumulation_steps", "1")
+
+
+def test_spread_takes_records_evenly_over_the_file():
+    from cnqlora.training import spread
+
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert spread(list(range(10)), 10) == list(range(10))
+    assert spread(list(range(10)), None) == list(range(10))
+    assert spread(list(range(10)), 0) == list(range(10))
+    assert spread(list(range(3)), 5) == [0, 1, 2]
+
+
+def test_dev_records_are_spread_over_the_dev_file(tiny_ner_model_dir, ner_data_dir, tmp_path):
+    from cnqlora.training import _prepare_inputs
+
+    model_args, prompt_args, data_args, _, train_args = options(tiny_ner_model_dir, ner_data_dir, tmp_path,
+                                                                "--max_dev_samples", "10")
+    _, dev, _ = _prepare_inputs(model_args, prompt_args, data_args, train_args, log=lambda _: None)
+    with open(f"{ner_data_dir}/dev.txt", encoding="utf-8") as f:
+        assert sum(1 for _ in f) == 30
+    assert [r["line"] for r in dev] == list(range(1, 31, 3))
