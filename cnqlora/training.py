@@ -348,8 +348,8 @@ def plot_losses(history: list[dict], path: str) -> None:
 def spread(items: list, n: int | None) -> list:
     """`n` items evenly spaced over `items` (all of them when n is unset or not smaller).
 
-    Corpora come in runs of sentences from one document (MSRA's dev split starts with a few
-    hundred on one charity campaign); the first n would score one topic, not the dev set.
+    Corpora come in runs of sentences from one document, so the first n cover few documents;
+    spread over the file they sample all of them.
     """
     if not n or n >= len(items):
         return list(items)
