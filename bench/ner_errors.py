@@ -8,6 +8,8 @@ Reads predict.py's JSON Lines output (`input`, `output`, `reference`) and prints
 - every false or missed (entity, type) pair by kind (cnqlora.metrics.error_kinds);
 - the sentences with at least --dense reference entities (in MSRA mostly lists of names with
   no separators): their share of the errors and the F1 of the rest;
+- with --train FILE (the training data, JSON Lines with answers), the share of reference
+  entities that occur in the training answers and the recall of seen and unseen ones;
 - with --examples K, the first K records showing each kind.
 """
 
@@ -63,6 +65,23 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
     }
 
 
+def seen_in_training(rows: list[dict], types: list[str] | None, train_file: str) -> dict:
+    """Recall of the reference entities that occur in the training answers, and of the others."""
+    seen = set()
+    with open(train_file, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                seen.update(parse_answer(json.loads(line)["answer"], types).entities)
+    counts = {"seen": [0, 0], "unseen": [0, 0]}  # [reference entities, found]
+    for row in rows:
+        predicted = set(parse_answer(row["output"], types).entities)
+        for pair in set(parse_answer(row["reference"], types).entities):
+            bucket = counts["seen" if pair in seen else "unseen"]
+            bucket[0] += 1
+            bucket[1] += pair in predicted
+    return {k: {"reference": n, "found": hit, "recall": hit / n if n else 0.0} for k, (n, hit) in counts.items()}
+
+
 def report(result: dict, rows: list[dict], examples: int) -> str:
     m = result["micro"]
     lines = [f"{result['records']} records: P {100 * m['precision']:.2f} R {100 * m['recall']:.2f} "
@@ -79,6 +98,12 @@ def report(result: dict, rows: list[dict], examples: int) -> str:
                  f"{m['tp'] + m['fn']}; they have {d['fn']} of the {m['fn']} misses and {d['fp']} of the "
                  f"{m['fp']} false entities" + (f"; F1 of the other records {100 * d['f1_without']:.2f}"
                                                 if d["f1_without"] is not None else ""))
+    if "seen" in result:
+        seen, unseen = result["seen"]["seen"], result["seen"]["unseen"]
+        total = seen["reference"] + unseen["reference"]
+        lines.append(f"{seen['reference']} of {total} reference entities ({100 * seen['reference'] / max(1, total):.1f}%) "
+                     f"occur in the training answers: recall {100 * seen['recall']:.2f} on those, "
+                     f"{100 * unseen['recall']:.2f} on the {unseen['reference']} unseen ones")
     if examples:
         for key, label in ERROR_KINDS.items():
             shown = [r for r, k in zip(rows, result["per_row"]) if k.get(key)][:examples]
@@ -95,10 +120,14 @@ def main(argv=None) -> int:
     parser.add_argument("--types", default="", help="comma-separated entity types (default: any type)")
     parser.add_argument("--dense", type=int, default=10, help="reference entities that make a record dense")
     parser.add_argument("--examples", type=int, default=0, help="records to show per error kind")
+    parser.add_argument("--train", default=None, help="training file: recall of entities seen / unseen in training")
     args = parser.parse_args(argv)
     types = [t for t in args.types.split(",") if t] or None
     rows = read_predictions(args.predictions)
-    print(report(analyse(rows, types, args.dense), rows, args.examples))
+    result = analyse(rows, types, args.dense)
+    if args.train:
+        result["seen"] = seen_in_training(rows, types, args.train)
+    print(report(result, rows, args.examples))
     return 0
 
 

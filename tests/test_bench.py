@@ -190,6 +190,14 @@ def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
             "false entities; F1 of the other records 40.00") in out  # 2*1 / (2*1 + 2 + 1)
     assert "output:    '今天_地名'" in out
 
+    train = tmp_path / "train.txt"
+    train.write_text(json.dumps({"instruct": "i", "query": "q", "answer": "上海_地名\n人0_人名\n人9_人名"},
+                                ensure_ascii=False) + "\n", encoding="utf-8")
+    assert ner_errors.main([str(path), "--types", "人名,地名,机构名", "--train", str(train)]) == 0
+    # seen: 上海 (found), 人0 (found), 人9 (missed); unseen: 罗冰生 and 人1..人8, of which 人1..人7 are found
+    assert ("3 of 12 reference entities (25.0%) occur in the training answers: recall 66.67 on those, "
+            "77.78 on the 9 unseen ones") in capsys.readouterr().out
+
 
 def test_ner_errors_refuses_a_file_without_references(tmp_path):
     ner_errors = load("ner_errors")
