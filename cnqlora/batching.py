@@ -88,11 +88,6 @@ class BatchStream:
             self._sizes[epoch] = len(self.epoch_plan(epoch))
         return self._sizes[epoch]
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Micro-batches in the first epoch (later epochs differ by a few in token mode)."""
-        return self.epoch_size(0)
-
     def locate(self, position: int) -> tuple[int, int]:
         """(epoch, index in that epoch) of micro-batch number `position` of the stream."""
         epoch = 0

@@ -147,7 +147,8 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def collate(samples: list[dict[str, list[int]]], pad_id: int):
-    """Right-padded tensors; padding is masked out of attention and carries no label."""
+    """Right-padded tensors; padding carries no label. The attention mask is for the plain path
+    (`loss_sum(attention_mask=True)`); the fast path does not need it (see loss_sum)."""
     import torch
 
     width = max(len(s["input_ids"]) for s in samples)
