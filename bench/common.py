@@ -24,7 +24,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,13 +51,6 @@ FLOPS_PER_TOKEN = 4 * 6.7e9
 MSRA_CANDIDATES = ("../shared/data/msra/dh_msra.txt", ".up/dh_msra.txt")
 TOKENIZER_CANDIDATES = ("../shared/data/baichuan-vocab/tokenizer.model", ".up/tokenizer.model")
 TINY_SENTENCES, TINY_TRAIN = 400, 320
-
-# apply_fused_kernels points these modules' apply_rotary_pos_emb at Liger's kernel for the whole
-# process; the plain recipes must run with the originals, so they are kept here before any patch.
-_ROPE_MODULES = ("cnqlora.baichuan", "transformers.models.llama.modeling_llama",
-                 "transformers.models.qwen2.modeling_qwen2")
-_ORIGINAL_ROPE = {name: sys.modules[name].apply_rotary_pos_emb for name in _ROPE_MODULES
-                  if name in sys.modules and hasattr(sys.modules[name], "apply_rotary_pos_emb")}
 
 
 # --------------------------------------------------------------------------- logging and time
@@ -280,12 +274,6 @@ def mark_4bit(model, compute_dtype: torch.dtype) -> None:
         log(f"note: could not record the quantization config on the model ({type(e).__name__}: {e})")
 
 
-def compute_dtype_for(device: str) -> torch.dtype:
-    # bf16 as in the real runs; on the CPU bf16 matmuls are emulated and 5-10x slower than fp32
-    # (the project's resolve_dtype makes the same choice).
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
 def build_model(config: BaichuanConfig, device: str, seed: int = 0, quantize: bool = True,
                 compute_dtype: torch.dtype = torch.bfloat16):
     """A Baichuan with random weights (std 0.02), block linears in NF4, the rest in compute_dtype.
@@ -304,11 +292,13 @@ def build_model(config: BaichuanConfig, device: str, seed: int = 0, quantize: bo
             else:
                 param.normal_(0.0, 0.02, generator=generator)
     if quantize:
-        for parent, name, linear in _block_linears(model):
+        # Popped, not iterated, so that the list does not keep every 16-bit original alive until
+        # the end: each one goes as soon as the next is taken (7B: 13 GB in total).
+        pending = _block_linears(model)[::-1]
+        while pending:
+            parent, name, linear = pending.pop()
             setattr(parent, name, quantize_linear(linear, compute_dtype))
-            del linear
         mark_4bit(model, compute_dtype)
-    model.config.use_cache = False
     model.train()
     return model
 
@@ -368,17 +358,6 @@ def weight_bytes(model) -> tuple[int, int]:
         for param in module.parameters(recurse=False):
             other += param.data.nbytes
     return quantized, other
-
-
-def restore_plain_kernels(model=None) -> None:
-    """Undo apply_fused_kernels: the original RoPE everywhere and, on `model`, the eager forwards."""
-    for name, function in _ORIGINAL_ROPE.items():
-        setattr(sys.modules[name], "apply_rotary_pos_emb", function)
-    if model is not None:
-        for module in model.modules():
-            name = type(module).__name__
-            if (name.endswith("RMSNorm") or name.endswith("MLP")) and "forward" in module.__dict__:
-                del module.__dict__["forward"]
 
 
 def liger_version() -> str | None:
@@ -454,6 +433,47 @@ def environment(device: str) -> dict[str, Any]:
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "liger_kernel": liger_version()}
     log(", ".join(f"{k} {v}" for k, v in info.items()))
     return info
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def guarded(run: Callable[[str], dict[str, Any]], device: str, retry_without_liger: bool = True) -> dict[str, Any]:
+    """Run one measurement; an error is reported, not raised, so the others still get measured.
+
+    `run` gets the fused-kernel choice, "auto" and, on a retry, "off". Liger's Triton kernels are
+    the part of the fast path most likely to break on a new GPU software stack, so a failure with
+    them is retried once without them (and says so).
+    """
+    try:
+        return run("auto")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"[:300]
+        # Running out of time or memory has nothing to do with Liger: a retry would only repeat it.
+        retry_without_liger = retry_without_liger and not isinstance(e, (TimeoutError, torch.cuda.OutOfMemoryError))
+    finally:
+        free_memory(device)
+    if not (retry_without_liger and device.startswith("cuda") and liger_version()):
+        return {"status": f"error: {error}"}
+    log(f"retrying without Liger kernels after: {error}")
+    try:
+        result = run("off")
+        result["status"] = f"{result.get('status', 'ok')} (WITHOUT Liger: with it, {error})"[:400]
+        return result
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return {"status": f"error: {error}; without Liger: {type(e).__name__}: {e}"[:400]}
+    finally:
+        free_memory(device)
+
+
+def add_ratio_to_seed(results: dict[str, dict[str, Any]], seed: str, rate: str) -> None:
+    """Give every result with a `rate` its ratio_to_seed: that rate over the `seed` result's (None without one)."""
+    seed_rate = results.get(seed, {}).get(rate)
+    for result in results.values():
+        if rate in result:
+            result["ratio_to_seed"] = result[rate] / seed_rate if seed_rate else None
 
 
 # --------------------------------------------------------------------------- reporting

@@ -4,11 +4,12 @@
     python bench/ner_errors.py PRED.jsonl --types 人名,地名,机构名 --dense 10 --examples 3
 
 Reads predict.py's JSON Lines output (`input`, `output`, `reference`) and prints:
-- the micro P/R/F1 (cnqlora.metrics.ner_metrics, the numbers predict.py prints);
+- the micro P/R/F1 that predict.py prints (cnqlora.metrics.ner_metrics; without --types, over
+  the entity types the references use, as predict.py scores);
 - every false or missed (entity, type) pair by kind (cnqlora.metrics.error_kinds);
 - the sentences with at least --dense reference entities (in MSRA mostly lists of names with
   no separators): their share of the errors and the F1 of the rest;
-- with --train FILE (the training data, JSON Lines with answers), the share of reference
+- with --train FILE (the training data, read as training reads it), the share of reference
   entities that occur in the training answers and the recall of seen and unseen ones;
 - with --examples K, the first K records showing each kind.
 """
@@ -22,6 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cnqlora.data import load_records  # noqa: E402
+from cnqlora.grounded import allowed_types_from_answers  # noqa: E402
 from cnqlora.metrics import ERROR_KINDS, error_kinds, ner_metrics, parse_answer  # noqa: E402
 
 
@@ -68,10 +71,9 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
 def seen_in_training(rows: list[dict], types: list[str] | None, train_file: str) -> dict:
     """Recall of the reference entities that occur in the training answers, and of the others."""
     seen = set()
-    with open(train_file, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                seen.update(parse_answer(json.loads(line)["answer"], types).entities)
+    # Bad records are skipped, not fatal: a run with --skip_bad_lines trained on the rest only.
+    for record in load_records(train_file, skip_bad_lines=True):
+        seen.update(parse_answer(record["answer"], types).entities)
     counts = {"seen": [0, 0], "unseen": [0, 0]}  # [reference entities, found]
     for row in rows:
         predicted = set(parse_answer(row["output"], types).entities)
@@ -117,13 +119,16 @@ def report(result: dict, rows: list[dict], examples: int) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", help="predict.py's --predictions_file (JSON Lines with references)")
-    parser.add_argument("--types", default="", help="comma-separated entity types (default: any type)")
+    parser.add_argument("--types", default="",
+                        help="comma-separated entity types (default: those the references use, as predict.py)")
     parser.add_argument("--dense", type=int, default=10, help="reference entities that make a record dense")
     parser.add_argument("--examples", type=int, default=0, help="records to show per error kind")
     parser.add_argument("--train", default=None, help="training file: recall of entities seen / unseen in training")
     args = parser.parse_args(argv)
-    types = [t for t in args.types.split(",") if t] or None
     rows = read_predictions(args.predictions)
+    # predict.py's score_predictions takes the types from the references when none are given.
+    types = ([t for t in args.types.split(",") if t]
+             or allowed_types_from_answers(r["reference"] for r in rows) or None)
     result = analyse(rows, types, args.dense)
     if args.train:
         result["seen"] = seen_in_training(rows, types, args.train)

@@ -25,7 +25,6 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 
 from cnqlora.data import encode_prompt  # noqa: E402
 from cnqlora.generation import GenerationArgs, generate_ids, length_sorted_batches, stop_token_ids  # noqa: E402
+from cnqlora.models import resolve_dtype  # noqa: E402
 
 
 def no_stop_factory(stop_ids: list[int]):
@@ -160,12 +160,12 @@ def main(argv=None) -> int:
             f"{sum(map(len, prompts)) / len(prompts):.1f} tokens, max {max(map(len, prompts))}); seed loop on "
             f"{min(args.seed_records, len(records) - 2)} after 2 warm-up")
 
-    dtype = common.compute_dtype_for(device)
+    dtype = resolve_dtype("auto", device)
     with phases("build NF4 model"):
         model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device, seed=args.seed,
                                    compute_dtype=dtype)
         model.eval()
-        # build_model turns the KV cache off for training; generation needs it (the seed had it on).
+        # model_config turns the KV cache off for training; generation needs it (the seed had it on).
         model.config.use_cache = True
         model.generation_config.use_cache = True
         if device == "cuda":
@@ -173,55 +173,52 @@ def main(argv=None) -> int:
         log(f"weights: {gib(sum(common.weight_bytes(model))):.2f} GiB")
 
     torch.manual_seed(args.seed)
+
+    def seed_path(_) -> dict[str, Any]:
+        r = seed_loop(model, tokenizer, records[:args.seed_records + 2], args.new_tokens, device,
+                      common.STARTED + budget.seconds - 60)
+        r.update(weights="nf4", decoding="sampling, rep. penalty 1.3", batch=1)
+        report_path("seed-loop", r)
+        return r
+
     with phases("seed loop"):
-        try:
-            results["seed-loop"] = r = seed_loop(model, tokenizer, records[:args.seed_records + 2], args.new_tokens,
-                                                 device, common.STARTED + budget.seconds - 60)
-            r.update(weights="nf4", decoding="sampling, rep. penalty 1.3", batch=1)
-            report_path("seed-loop", r)
-        except Exception as e:
-            traceback.print_exc()
-            results["seed-loop"] = {"status": f"error: {type(e).__name__}: {e}"[:300]}
+        results["seed-loop"] = common.guarded(seed_path, device, retry_without_liger=False)
 
-    # Half of what is left for the NF4 pass, the rest for the conversion and the merged pass.
+    def nf4_path(_) -> dict[str, Any]:
+        # Half of what is left for the NF4 pass, the rest for the conversion and the merged pass.
+        deadline = time.perf_counter() + max(10.0, (budget.left() - 20) / 2)
+        r = batched(model, tokenizer, prompts, batches, args, device, deadline)
+        r.update(weights="nf4", decoding="greedy", batch=args.batch_size)
+        report_path("batched-nf4", r)
+        return r
+
     with phases("batched NF4"):
-        try:
-            deadline = time.perf_counter() + max(10.0, (budget.left() - 20) / 2)
-            results["batched-nf4"] = r = batched(model, tokenizer, prompts, batches, args, device, deadline)
-            r.update(weights="nf4", decoding="greedy", batch=args.batch_size)
-            report_path("batched-nf4", r)
-        except Exception as e:
-            traceback.print_exc()
-            results["batched-nf4"] = {"status": f"error: {type(e).__name__}: {e}"[:300]}
+        results["batched-nf4"] = nf4 = common.guarded(nf4_path, device, retry_without_liger=False)
 
-    nf4 = results["batched-nf4"]
+    def merged_path(_) -> dict[str, Any]:
+        with phases("dequantise to a merged 16-bit model"):
+            common.dequantize_model(model, dtype)
+            common.free_memory(device)
+            log(f"weights: {gib(sum(p.data.nbytes for p in model.parameters())):.2f} GiB")
+        with phases("batched merged"):
+            same = batches[:nf4["windows"]]  # the same work as the NF4 pass
+            r = batched(model, tokenizer, prompts, same, args, device, common.STARTED + budget.seconds)
+            r.update(weights=str(dtype).replace("torch.", ""), decoding="greedy", batch=args.batch_size)
+            common_rows = [i for i in r["outputs"] if i in nf4["outputs"]]
+            r["same_output_as_nf4"] = sum(r["outputs"][i] == nf4["outputs"][i] for i in common_rows) / max(1, len(common_rows))
+            report_path("batched-merged", r)
+            log(f"merged vs NF4: {r['sentences_per_s'] / nf4['sentences_per_s']:.2f}x the speed; "
+                f"{100 * r['same_output_as_nf4']:.0f}% of the greedy outputs identical")
+        return r
+
     if not args.skip_merged and "windows" in nf4 and budget.allows(15.0, "the merged 16-bit model"):
-        try:
-            with phases("dequantise to a merged 16-bit model"):
-                common.dequantize_model(model, dtype)
-                common.free_memory(device)
-                log(f"weights: {gib(sum(p.data.nbytes for p in model.parameters())):.2f} GiB")
-            with phases("batched merged"):
-                same = batches[:nf4["windows"]]  # the same work as the NF4 pass
-                results["batched-merged"] = r = batched(model, tokenizer, prompts, same, args, device,
-                                                        common.STARTED + budget.seconds)
-                r.update(weights=str(dtype).replace("torch.", ""), decoding="greedy", batch=args.batch_size)
-                common_rows = [i for i in r["outputs"] if i in nf4["outputs"]]
-                r["same_output_as_nf4"] = sum(r["outputs"][i] == nf4["outputs"][i] for i in common_rows) / max(1, len(common_rows))
-                report_path("batched-merged", r)
-                log(f"merged vs NF4: {r['sentences_per_s'] / nf4['sentences_per_s']:.2f}x the speed; "
-                    f"{100 * r['same_output_as_nf4']:.0f}% of the greedy outputs identical")
-        except Exception as e:
-            traceback.print_exc()
-            results["batched-merged"] = {"status": f"error: {type(e).__name__}: {e}"[:300]}
-    elif "batched-merged" not in results:
+        results["batched-merged"] = common.guarded(merged_path, device, retry_without_liger=False)
+    else:
         results["batched-merged"] = {"status": "skipped"}
 
-    seed_rate = results["seed-loop"].get("sentences_per_s")
     for r in results.values():
         r.pop("outputs", None)
-        if "sentences_per_s" in r:
-            r["ratio_to_seed"] = r["sentences_per_s"] / seed_rate if seed_rate else None
+    common.add_ratio_to_seed(results, "seed-loop", "sentences_per_s")
     report["elapsed_s"] = common.elapsed()
     common.write_json(args.json, report)
     print_table(results, args)

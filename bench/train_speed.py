@@ -39,7 +39,6 @@ import os
 import random
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,9 +51,9 @@ import torch  # noqa: E402
 
 from cnqlora.batching import BatchStream  # noqa: E402
 from cnqlora.data import IGNORE_INDEX, encode_sample  # noqa: E402
-from cnqlora.models import LoraArgs, attach_lora  # noqa: E402
-from cnqlora.speed import apply_fused_kernels, plan_speed, step_context  # noqa: E402
-from cnqlora.training import collate, eval_plan, labelled_tokens, loss_sum  # noqa: E402
+from cnqlora.models import LoraArgs, attach_lora, resolve_dtype  # noqa: E402
+from cnqlora.speed import apply_fused_kernels, plan_speed, remove_fused_kernels, step_context  # noqa: E402
+from cnqlora.training import collate, eval_plan, evaluate_loss, labelled_tokens, loss_sum  # noqa: E402
 
 SEED_LEN = 192
 SEED_BATCH = 64
@@ -150,7 +149,7 @@ def timed_steps(step: Callable[[int], tuple[float, int, int]], warmup: int, step
     steps, the first fast recipe of a process ran at 83 samples/s and the same recipe run second
     at 171.
     """
-    for k in list(range(warmup)) + list(range(warmup, warmup + steps)):
+    for k in range(warmup + steps):
         step(k)
         if time.perf_counter() > deadline:
             return {"status": "out of time during warm-up", "steps": 0}
@@ -174,6 +173,8 @@ def timed_steps(step: Callable[[int], tuple[float, int, int]], warmup: int, step
 
 
 def build(ctx: Context) -> tuple[Any, float]:
+    # Liger's RoPE, once patched in by an earlier recipe, would stay on for every later model.
+    remove_fused_kernels()
     start = time.perf_counter()
     model = common.build_model(ctx.config, ctx.device, seed=ctx.args.seed, compute_dtype=ctx.compute_dtype)
     common.sync(ctx.device)
@@ -184,44 +185,65 @@ def build(ctx: Context) -> tuple[Any, float]:
     return model, seconds
 
 
-def optimizer_step(model, params, optimizer, loss) -> None:
+def optimizer_step(params, optimizer, loss) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_seed(ctx: Context, recipe: Recipe, deadline: float) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+StepLoss = Callable[[int], tuple[Any, int, int]]
 
-    common.restore_plain_kernels()
+
+def run_recipe(ctx: Context, deadline: float, attach: Callable[[Any], tuple[Any, StepLoss, dict[str, Any]]],
+               prepare: Callable[[Any], Any] = lambda model: model) -> dict[str, Any]:
+    """Build, train with AdamW under timed_steps, and say where the memory went.
+
+    `prepare(model)` runs before the weights are measured (the seed's fp32 upcast is weights);
+    `attach(model)` adds LoRA and returns (model, loss of step k -> (loss, samples, real tokens),
+    the recipe's fields of the result).
+    """
     base_mem = common.allocated(ctx.device)
     model, build_s = build(ctx)
     common.reset_peak(ctx.device)
-    model = prepare_model_for_kbit_training(model)
+    model = prepare(model)
     after_weights = common.allocated(ctx.device)
     quantized, other = common.weight_bytes(model)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(recipe.targets),
-                                             bias="none", task_type="CAUSAL_LM"))
+    model, loss_of, fields = attach(model)
     after_lora = common.allocated(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
-    data = ctx.seed_samples
 
     def step(k: int) -> tuple[float, int, int]:
-        rows = [data[(k * SEED_BATCH + i) % len(data)] for i in range(SEED_BATCH)]
-        ids = torch.tensor([r[0] for r in rows], device=ctx.device)
-        labels = torch.tensor([r[1] for r in rows], device=ctx.device)
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer_step(model, params, optimizer, loss)
-        return loss.item(), len(rows), sum(r[2] for r in rows)
+        loss, samples, tokens = loss_of(k)
+        optimizer_step(params, optimizer, loss)
+        return loss.item(), samples, tokens
 
     result = timed_steps(step, ctx.args.warmup, ctx.args.steps, ctx.device, deadline)
-    result.update(build_s=build_s, targets="W_pack", memory_mode="fp32 upcast + grad ckpt", max_tokens=None,
-                  micro_batch=f"{SEED_BATCH} x {SEED_LEN}", fused_kernels="off", autocast="off",
-                  trainable=sum(p.numel() for p in params))
+    result.update(build_s=build_s, **fields, trainable=sum(p.numel() for p in params))
     result["memory"] = memory_breakdown(ctx.device, base_mem, after_weights, after_lora, quantized, other)
     return result
+
+
+def run_seed(ctx: Context, recipe: Recipe, deadline: float) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    def attach(model):
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                 target_modules=list(recipe.targets), bias="none",
+                                                 task_type="CAUSAL_LM"))
+        data = ctx.seed_samples
+
+        def loss_of(k: int):
+            rows = [data[(k * SEED_BATCH + i) % len(data)] for i in range(SEED_BATCH)]
+            ids = torch.tensor([r[0] for r in rows], device=ctx.device)
+            labels = torch.tensor([r[1] for r in rows], device=ctx.device)
+            return model(input_ids=ids, labels=labels).loss, len(rows), sum(r[2] for r in rows)
+
+        return model, loss_of, dict(targets="W_pack", memory_mode="fp32 upcast + grad ckpt", max_tokens=None,
+                                    micro_batch=f"{SEED_BATCH} x {SEED_LEN}", fused_kernels="off", autocast="off")
+
+    return run_recipe(ctx, deadline, attach, prepare=prepare_model_for_kbit_training)
 
 
 def ours_plan(ctx: Context, model, memory_mode: str, max_tokens: int | None, fused: str):
@@ -230,46 +252,36 @@ def ours_plan(ctx: Context, model, memory_mode: str, max_tokens: int | None, fus
 
 
 def run_ours(ctx: Context, recipe: Recipe, deadline: float, fused: str = "auto") -> dict[str, Any]:
-    common.restore_plain_kernels()
-    base_mem = common.allocated(ctx.device)
-    model, build_s = build(ctx)
-    common.reset_peak(ctx.device)
-    after_weights = common.allocated(ctx.device)
-    quantized, other = common.weight_bytes(model)
-    plan = ours_plan(ctx, model, recipe.memory_mode, recipe.max_tokens, fused)
-    model, targets = attach_lora(model, LoraArgs(lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                                                 lora_target=list(recipe.targets)),
-                                 gradient_checkpointing=plan.memory_mode in ("lean", "offload"))
-    if plan.fused_kernels == "liger":
-        apply_fused_kernels(model)
-    log(f"{recipe.name}: {plan.describe()}; LoRA on {','.join(targets)}")
-    after_lora = common.allocated(ctx.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    samples = ctx.samples
-    stream = BatchStream([len(s["input_ids"]) for s in samples], ctx.args.seed, batch_size=SEED_BATCH,
-                         max_tokens=plan.max_tokens)
-    pad_id = ctx.tokenizer.pad_token_id
-    model.train()
+    def attach(model):
+        plan = ours_plan(ctx, model, recipe.memory_mode, recipe.max_tokens, fused)
+        model, targets = attach_lora(model, LoraArgs(lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                                                     lora_target=list(recipe.targets)),
+                                     gradient_checkpointing=plan.memory_mode in ("lean", "offload"))
+        if plan.fused_kernels == "liger":
+            apply_fused_kernels(model)
+        log(f"{recipe.name}: {plan.describe()}; LoRA on {','.join(targets)}")
+        samples = ctx.samples
+        stream = BatchStream([len(s["input_ids"]) for s in samples], ctx.args.seed, batch_size=SEED_BATCH,
+                             max_tokens=plan.max_tokens)
+        pad_id = ctx.tokenizer.pad_token_id
+        model.train()
 
-    def step(k: int) -> tuple[float, int, int]:
-        indices = stream.batch(k)
-        batch = collate([samples[i] for i in indices], pad_id)
-        n_labelled = labelled_tokens(batch)
-        batch = {name: t.to(ctx.device) for name, t in batch.items()}
-        with step_context(plan, ctx.device):
-            loss = loss_sum(model, batch) / max(1, n_labelled)
-        optimizer_step(model, params, optimizer, loss)
-        return loss.item(), len(indices), sum(len(samples[i]["input_ids"]) for i in indices)
+        def loss_of(k: int):
+            indices = stream.batch(k)
+            batch = collate([samples[i] for i in indices], pad_id)
+            n_labelled = labelled_tokens(batch)
+            batch = {name: t.to(ctx.device) for name, t in batch.items()}
+            with step_context(plan, ctx.device):
+                loss = loss_sum(model, batch) / max(1, n_labelled)
+            return loss, len(indices), sum(len(samples[i]["input_ids"]) for i in indices)
 
-    result = timed_steps(step, ctx.args.warmup, ctx.args.steps, ctx.device, deadline)
-    result.update(build_s=build_s, targets=",".join(targets), memory_mode=plan.memory_mode,
-                  max_tokens=plan.max_tokens,
-                  micro_batch=f"<= {plan.max_tokens} tokens" if plan.max_tokens else f"{SEED_BATCH} samples",
-                  fused_kernels=plan.fused_kernels, autocast=str(plan.autocast_dtype).replace("torch.", ""),
-                  plan=plan.describe(), trainable=sum(p.numel() for p in params))
-    result["memory"] = memory_breakdown(ctx.device, base_mem, after_weights, after_lora, quantized, other)
-    return result
+        return model, loss_of, dict(
+            targets=",".join(targets), memory_mode=plan.memory_mode, max_tokens=plan.max_tokens,
+            micro_batch=f"<= {plan.max_tokens} tokens" if plan.max_tokens else f"{SEED_BATCH} samples",
+            fused_kernels=plan.fused_kernels, autocast=str(plan.autocast_dtype).replace("torch.", ""),
+            plan=plan.describe())
+
+    return run_recipe(ctx, deadline, attach)
 
 
 def memory_breakdown(device: str, base: int | None, after_weights: int | None, after_lora: int | None,
@@ -297,7 +309,6 @@ def run_check(ctx: Context, steps: int, lr: float, max_tokens: int, deadline: fl
     The token budget is smaller than training's: the plain path keeps full fp32 logits and fp32
     LoRA activations, and the comparison needs no large batches.
     """
-    common.restore_plain_kernels()
     model, _ = build(ctx)
     longest = max(len(s["input_ids"]) for s in ctx.samples)
     plan = ours_plan(ctx, model, "auto", max(longest, max_tokens) if ctx.device != "cpu" else None, fused)
@@ -331,13 +342,7 @@ def run_check(ctx: Context, steps: int, lr: float, max_tokens: int, deadline: fl
 
     def evaluate() -> float:
         # One evaluator for both runs: plain computation, fp32 LoRA, attention mask.
-        total = count = 0
-        with torch.no_grad():
-            for indices in eval_batches:
-                batch = batch_of(indices)
-                total += float(loss_sum(model, batch, attention_mask=True))
-                count += labelled_tokens(batch)
-        return total / max(1, count)
+        return evaluate_loss(model, samples, eval_batches, pad_id, ctx.device, attention_mask=True)
 
     def plain_step(batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -365,7 +370,7 @@ def run_check(ctx: Context, steps: int, lr: float, max_tokens: int, deadline: fl
         losses = []
         for indices in micro:
             loss = compute(batch_of(indices))
-            optimizer_step(model, params, optimizer, loss)
+            optimizer_step(params, optimizer, loss)
             losses.append(loss.item())
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"out of time after {len(losses)} of {steps} check steps")
@@ -379,7 +384,7 @@ def run_check(ctx: Context, steps: int, lr: float, max_tokens: int, deadline: fl
         apply_fused_kernels(model)
     grad_fast = gradient(fast_step)
     fast = train(fast_step)
-    common.restore_plain_kernels(model)
+    remove_fused_kernels(model)
     after_fast = evaluate()
     cosine = float(torch.nn.functional.cosine_similarity(grad_fast, grad_plain, dim=0))
     norm_ratio = float(grad_fast.norm() / grad_plain.norm().clamp_min(1e-30))
@@ -452,7 +457,7 @@ def main(argv=None) -> int:
             log(f"bf16 matmul peak (8192^3, median of 10): {peak_tflops:.0f} TFLOP/s")
     report["matmul_peak_tflops"] = peak_tflops
     config = common.model_config(args.tiny, vocab_size=len(tokenizer))
-    ctx = Context(args, device, config, tokenizer, seed_samples, samples, common.compute_dtype_for(device))
+    ctx = Context(args, device, config, tokenizer, seed_samples, samples, resolve_dtype("auto", device))
 
     results: dict[str, dict[str, Any]] = {}
     report["recipes"] = results
@@ -468,9 +473,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         with phases(f"recipe {recipe.name}"):
             if recipe.path == "seed":
-                result = guarded(lambda fused: run_seed(ctx, recipe, deadline), device, retry_without_liger=False)
+                result = common.guarded(lambda fused: run_seed(ctx, recipe, deadline), device,
+                                        retry_without_liger=False)
             else:
-                result = guarded(lambda fused: run_ours(ctx, recipe, deadline, fused), device)
+                result = common.guarded(lambda fused: run_ours(ctx, recipe, deadline, fused), device)
             results[recipe.name] = result
             report_recipe(recipe.name, result, peak_tflops)
         durations.append(time.perf_counter() - start)
@@ -483,17 +489,15 @@ def main(argv=None) -> int:
     if args.check_steps:
         if budget.allows(check_estimate, "the plain-vs-fast check"):
             with phases("check plain vs fast"):
-                report["check"] = guarded(lambda fused: run_check(ctx, args.check_steps, args.check_lr,
-                                                                  args.check_max_tokens,
-                                                                  common.STARTED + args.time_budget, fused), device)
+                report["check"] = common.guarded(lambda fused: run_check(ctx, args.check_steps, args.check_lr,
+                                                                         args.check_max_tokens,
+                                                                         common.STARTED + args.time_budget, fused),
+                                                 device)
                 report_check(report["check"])
         else:
             report["check"] = {"status": "skipped (time budget)"}
 
-    seed_rate = results.get("seed", {}).get("samples_per_s")
-    for result in results.values():
-        if "samples_per_s" in result:
-            result["ratio_to_seed"] = result["samples_per_s"] / seed_rate if seed_rate else None
+    common.add_ratio_to_seed(results, "seed", "samples_per_s")
     report["elapsed_s"] = common.elapsed()
     common.write_json(args.json, report)
     print_tables(results, report.get("check"), peak_tflops)
@@ -501,35 +505,6 @@ def main(argv=None) -> int:
     if str(report.get("check", {}).get("status", "")).startswith("error"):
         failed.append("check")
     return 1 if failed else 0
-
-
-def guarded(run: Callable[[str], dict[str, Any]], device: str, retry_without_liger: bool = True) -> dict[str, Any]:
-    """Run one measurement; an error is reported, not raised, so the others still get measured.
-
-    Liger's Triton kernels are the part of the fast path most likely to break on a new GPU
-    software stack, so a failure with them is retried once without them (and says so).
-    """
-    try:
-        return run("auto")
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"[:300]
-        # Running out of time or memory has nothing to do with Liger: a retry would only repeat it.
-        retry_without_liger = retry_without_liger and not isinstance(e, (TimeoutError, torch.cuda.OutOfMemoryError))
-    finally:
-        common.free_memory(device)
-    if not (retry_without_liger and device.startswith("cuda") and common.liger_version()):
-        return {"status": f"error: {error}"}
-    log(f"retrying without Liger kernels after: {error}")
-    try:
-        result = run("off")
-        result["status"] = f"{result.get('status', 'ok')} (WITHOUT Liger: with it, {error})"[:400]
-        return result
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        return {"status": f"error: {error}; without Liger: {type(e).__name__}: {e}"[:400]}
-    finally:
-        common.free_memory(device)
 
 
 def mfu(tokens_per_s: float | None, peak_tflops: float | None) -> float | None:

@@ -22,6 +22,7 @@ The choices, and why:
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -127,11 +128,22 @@ def resolve_fused_kernels(choice: str, on_gpu: bool, notes: list[str]) -> str:
     return "off"
 
 
+# The functions _patch_rope replaced, by module, so remove_fused_kernels can put them back.
+_ORIGINAL_ROPE: dict[str, Any] = {}
+_ROPE_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+                 "cnqlora.baichuan")
+# Marks the instance forwards apply_fused_kernels sets, so only those are removed again.
+_FUSED = "_cnqlora_fused"
+
+
 def apply_fused_kernels(model) -> int:
     """Swap eager RMSNorm, SwiGLU MLP and RoPE for Liger's fused kernels; return modules patched.
 
-    Instances are patched (not classes), so only this model changes, and the swap works for every
-    LLaMA-shaped block (Baichuan, Qwen2, LLaMA) whatever its class is called.
+    RMSNorm and MLP are patched on this model's instances (not classes), so no other model
+    changes, and the swap works for every LLaMA-shaped block (Baichuan, Qwen2, LLaMA) whatever its
+    class is called. RoPE is a module-level function the attention looks up at call time: it is
+    swapped in the modeling modules themselves, so for every model in the process, until
+    remove_fused_kernels.
     """
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -145,12 +157,14 @@ def apply_fused_kernels(model) -> int:
             def rms_forward(self, hidden_states, _eps=eps):
                 return LigerRMSNormFunction.apply(hidden_states, self.weight, _eps, 0.0, "llama", False)
 
+            setattr(rms_forward, _FUSED, True)
             module.forward = types.MethodType(rms_forward, module)
             patched += 1
         elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             def mlp_forward(self, x):
                 return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
+            setattr(mlp_forward, _FUSED, True)
             module.forward = types.MethodType(mlp_forward, module)
             patched += 1
     patched += _patch_rope()
@@ -159,18 +173,39 @@ def apply_fused_kernels(model) -> int:
 
 def _patch_rope() -> int:
     """Point the attention modules' apply_rotary_pos_emb at Liger's fused RoPE."""
-    import sys
-
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     count = 0
-    for module_name in ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
-                        "cnqlora.baichuan"):
+    for module_name in _ROPE_MODULES:
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "apply_rotary_pos_emb"):
+            # setdefault: a second patch must not record Liger's function as the original.
+            _ORIGINAL_ROPE.setdefault(module_name, module.apply_rotary_pos_emb)
             module.apply_rotary_pos_emb = liger_rotary_pos_emb
             count += 1
     return count
+
+
+def remove_fused_kernels(model=None) -> int:
+    """Undo apply_fused_kernels: the original RoPE for the whole process and, on `model`, the eager
+    RMSNorm and MLP forwards. Return the number of modules restored; safe when nothing was patched.
+
+    Without `model` only RoPE is restored: a freshly built model has no fused forwards, but would
+    still run Liger's RoPE after an earlier model was patched.
+    """
+    restored = 0
+    for module_name, original in list(_ORIGINAL_ROPE.items()):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            module.apply_rotary_pos_emb = original
+            restored += 1
+        del _ORIGINAL_ROPE[module_name]
+    for module in model.modules() if model is not None else ():
+        forward = module.__dict__.get("forward")
+        if getattr(getattr(forward, "__func__", None), _FUSED, False):
+            del module.forward
+            restored += 1
+    return restored
 
 
 def step_context(plan: SpeedPlan, device: str):

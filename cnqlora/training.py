@@ -198,8 +198,9 @@ def eval_plan(lengths: list[int], batch_size: int, max_tokens: int) -> list[list
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device: str, plan=None) -> float:
-    """Mean loss per answer token over the dev samples."""
+def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device: str, plan=None,
+                  attention_mask: bool = False) -> float:
+    """Mean loss per answer token over the dev samples (attention_mask: see loss_sum)."""
     import contextlib
 
     import torch
@@ -211,7 +212,7 @@ def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device:
         for indices in batches:
             batch = {k: v.to(device) for k, v in collate([samples[i] for i in indices], pad_id).items()}
             with step_context(plan, device) if plan is not None else contextlib.nullcontext():
-                total += float(loss_sum(model, batch))
+                total += float(loss_sum(model, batch, attention_mask))
             count += labelled_tokens(batch)
     if was_training:
         model.train()

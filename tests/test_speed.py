@@ -2,12 +2,15 @@
 
 import json
 import random
+import sys
+import types
 
 import pytest
 import torch
 
 from cnqlora.batching import BatchStream, plan_by_samples, plan_by_tokens
 from cnqlora.errors import UserError
+from cnqlora import speed
 from cnqlora.speed import activation_bytes_per_token, plan_speed, step_context
 from cnqlora.training import IGNORE_INDEX, collate, loss_sum
 
@@ -188,3 +191,85 @@ def test_lean_mode_really_recomputes_the_blocks(tiny_ner_model_dir, lora_model_a
     layer.register_forward_pre_hook(lambda *_: calls.append(1))
     loss_sum(model, collate(samples[:2], pad_id)).backward()
     assert len(calls) == 2  # once forward, once again in the backward pass
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """Stand-ins for Liger's kernels that compute something else, so a patch shows in the output.
+
+    liger-kernel needs a GPU (Triton); these let the CPU tests see what apply_fused_kernels and
+    remove_fused_kernels do to a model and to the process.
+    """
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        for key, value in attrs.items():
+            setattr(m, key, value)
+        monkeypatch.setitem(sys.modules, name, m)
+
+    rms = types.SimpleNamespace(apply=lambda x, weight, eps, offset, casting, in_place: 2 * x)
+    silu_mul = types.SimpleNamespace(apply=lambda a, b: a * b)  # no SiLU
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):  # no rotation
+        return q, k
+
+    for name in ("liger_kernel", "liger_kernel.ops", "liger_kernel.transformers"):
+        module(name)
+    module("liger_kernel.ops.rms_norm", LigerRMSNormFunction=rms)
+    module("liger_kernel.ops.swiglu", LigerSiLUMulFunction=silu_mul)
+    module("liger_kernel.transformers.rope", liger_rotary_pos_emb=rope)
+    # Even if the test fails half-way, no later test may run with the fake RoPE.
+    for name in speed._ROPE_MODULES:
+        if name in sys.modules and hasattr(sys.modules[name], "apply_rotary_pos_emb"):
+            monkeypatch.setattr(sys.modules[name], "apply_rotary_pos_emb", sys.modules[name].apply_rotary_pos_emb)
+    monkeypatch.setattr(speed, "_ORIGINAL_ROPE", {})
+    return rope
+
+
+def tiny_baichuan():
+    from cnqlora.baichuan import BaichuanConfig, BaichuanForCausalLM
+
+    torch.manual_seed(0)
+    config = BaichuanConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172,
+                            vocab_size=100)
+    return BaichuanForCausalLM(config).eval()
+
+
+def test_remove_fused_kernels_restores_the_model_and_the_process(fake_liger):
+    from cnqlora import baichuan
+
+    model, other = tiny_baichuan(), tiny_baichuan()  # same seed: the same weights
+    original_rope = baichuan.apply_rotary_pos_emb
+    ids = torch.randint(0, 100, (2, 9))
+    fused = 2 * 3 + 1  # per layer two norms and the MLP, then the final norm
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        rope_modules = speed.apply_fused_kernels(model) - fused
+        assert rope_modules >= 1 and baichuan.apply_rotary_pos_emb is fake_liger
+        speed.apply_fused_kernels(model)  # twice: the fake must not be taken for the original
+        assert len([m for m in model.modules() if "forward" in m.__dict__]) == fused
+        assert not torch.equal(model(input_ids=ids).logits, plain)
+        # The RoPE swap is process-wide: a model nobody patched runs it too.
+        assert not torch.equal(other(input_ids=ids).logits, plain)
+
+        assert speed.remove_fused_kernels(model) == fused + rope_modules
+        assert baichuan.apply_rotary_pos_emb is original_rope
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert torch.equal(model(input_ids=ids).logits, plain)
+        assert torch.equal(other(input_ids=ids).logits, plain)
+
+
+def test_remove_fused_kernels_leaves_an_unpatched_model_and_foreign_forwards_alone(fake_liger):
+    from cnqlora import baichuan
+
+    model = tiny_baichuan()
+    original_rope = baichuan.apply_rotary_pos_emb
+    ids = torch.randint(0, 100, (2, 9))
+    norm = model.model.norm
+    own = types.MethodType(lambda self, x: 3 * x, norm)
+    norm.forward = own  # not set by apply_fused_kernels: not its to remove
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert speed.remove_fused_kernels(model) == 0
+        assert speed.remove_fused_kernels() == 0
+        assert norm.__dict__["forward"] is own and baichuan.apply_rotary_pos_emb is original_rope
+        assert torch.equal(model(input_ids=ids).logits, before)
