@@ -32,24 +32,18 @@ def main(argv=None):
     import time
 
     from cnqlora.config import parse_options
-    from cnqlora.data import encode_text
+    from cnqlora.data import PromptArgs, encode_text
     from cnqlora.generation import GenerationArgs, generate_ids
-    from cnqlora.models import ModelArgs, check_model_folder, load_model, load_tokenizer, resolve_device
+    from cnqlora.inference import load_for_inference
+    from cnqlora.models import ModelArgs
 
     model_args, args = parse_options([ModelArgs, CheckArgs], argv, prog="test_baichuan.py", description=__doc__)
-    config = check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
-                                trust_remote_code=model_args.trust_remote_code)
-    device = resolve_device(model_args.device)
-    started = time.time()
-    tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
-    model = load_model(model_args, device)
-    model.config.use_cache = True
-    model.eval()
-    loaded = time.time() - started
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    print(f"model: {model_args.model_name_or_path} ({config['model_type']}, {type(model).__name__}), "
-          f"{model_args.quantization}, compute {dtype}, on {device}")
-    print(f"load time: {loaded:.1f}s; memory: {memory_gib(device):.2f} GiB ({'GPU peak' if device != 'cpu' else 'process peak RSS'})")
+    # The prompt is completed as raw text, so the template in the description plays no part.
+    loaded = load_for_inference(model_args, PromptArgs(), None)
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    print(f"{loaded.description}; class {type(model).__name__}")
+    print(f"load time: {loaded.seconds:.1f}s; memory: {memory_gib(device):.2f} GiB "
+          f"({'GPU peak' if device != 'cpu' else 'process peak RSS'})")
 
     ids = encode_text(tokenizer, args.prompt)
     gen = GenerationArgs(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)

@@ -34,23 +34,24 @@ from .errors import UserError
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "MERGE_DTYPES",
     "MERGE_MARKER",
     "TOLERANCES",
     "AdapterFiles",
+    "adapter_train_config",
     "attach_adapter",
     "baichuan_tokenizer_json",
-    "check_adapter_folder",
     "check_merge",
     "default_check_prompts",
     "merge_adapter",
     "read_adapter",
     "save_baichuan_fast_tokenizer",
+    "train_config_columns",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_MARKER = "cnqlora_merge.json"
-MERGE_DTYPES = ("bfloat16", "float16", "float32")
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +75,10 @@ _logger = logging.getLogger(__name__)
 # Greedy tokens are compared with teacher forcing on the reference continuation, so both models
 # always see the same inputs; in 16 bits a token whose argmax differs is accepted when the logits
 # stay within the tolerance, i.e. it was a near tie that rounding may legitimately flip.
-TOLERANCES = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2}
+TOLERANCES = {"bfloat16": 4e-2, "float16": 5e-3, "float32": 1e-4}
+# What a merge can be stored in is exactly what check_merge has a tolerance for; bfloat16 first,
+# as the default.
+MERGE_DTYPES = tuple(TOLERANCES)
 
 
 # =========================================================================== reading adapters
@@ -88,7 +92,6 @@ class AdapterFiles:
     config: Any  # peft LoraConfig
     weights: dict[str, Any]  # file key -> tensor, as stored
     weights_file: str
-    dropped_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -109,7 +112,13 @@ def _adapter_hint(path: str) -> str:
 
 
 def read_adapter(adapter_path: str) -> AdapterFiles:
-    """Read an adapter folder: its LoRA config (unknown old keys dropped) and its weights."""
+    """Read an adapter folder: its LoRA config (unknown old keys dropped) and its weights.
+
+    Needs no base model, so callers run it before loading one to fail fast. Adapters are small
+    (tens of MB for a 7B model), so the weights are read too; pass the result to
+    `attach_adapter` rather than reading the folder again. Whether the weights fit a particular
+    base model is checked there.
+    """
     path = os.fspath(adapter_path)
     if not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "not found"
@@ -159,16 +168,7 @@ def read_adapter(adapter_path: str) -> AdapterFiles:
         raise UserError(f"{path}: has {ADAPTER_CONFIG_NAME} but no weights ({' or '.join(_WEIGHT_NAMES)}); the "
                         "adapter was not saved completely. Copy the weights file next to the config.")
     weights = _load_weights(weights_file)
-    return AdapterFiles(path, config, weights, weights_file, dropped, notes)
-
-
-def check_adapter_folder(adapter_path: str) -> AdapterFiles:
-    """Fail fast, before a base model is loaded: the folder's config and weights must be readable LoRA.
-
-    Adapters are small (tens of MB for a 7B model), so this reads the weights too; whether they
-    fit a particular base model is checked by `attach_adapter`.
-    """
-    return read_adapter(adapter_path)
+    return AdapterFiles(path, config, weights, weights_file, notes)
 
 
 def _peft_version() -> str:
@@ -266,7 +266,7 @@ def _check_targets(model, files: AdapterFiles, keys: list[_Key], module_names: l
                         "for a different model: use that base model.")
     targets = list(targets or [])
     absent = sorted(t for t in targets if not _target_present(t, module_names))
-    used = {k.module.rsplit(".", 1)[-1] for k in keys}
+    used = _leaf_names(keys)
     if not absent or (set(absent).isdisjoint(used) and len(absent) < len(targets)):
         if absent:
             files.notes.append(f"{where}: target(s) {', '.join(absent)} are not in this model and have no weights "
@@ -297,6 +297,7 @@ def _check_shapes(model, files: AdapterFiles, keys: list[_Key], modules: dict[st
     trained_on = getattr(config, "base_model_name_or_path", None)
     advice = (" The adapter was trained on a model of another size (different hidden or layer sizes); load the base "
               f"model it was trained on{f' ({trained_on})' if trained_on else ''}.")
+    rank = _expected_rank(config)
     for key in keys:
         if key.lora is None or key.param != "weight":
             continue
@@ -311,7 +312,6 @@ def _check_shapes(model, files: AdapterFiles, keys: list[_Key], modules: dict[st
             layer = f"Linear(in_features={n_in}, out_features={n_out})"
         else:
             continue
-        rank = _expected_rank(config)
         is_a = key.lora == a_name
         if not is_a and key.lora != b_name:
             continue
@@ -363,9 +363,12 @@ def _destination(key: _Key, adapter_name: str, params: dict[str, Any]) -> str | 
     return next((c for c in candidates if c in params), None)
 
 
-def attach_adapter(model, adapter_path: str, is_trainable: bool = False, adapter_name: str = "default",
+def attach_adapter(model, adapter: str | AdapterFiles, is_trainable: bool = False, adapter_name: str = "default",
                    log: Callable[[str], None] | None = None):
     """Load a LoRA adapter (current or peft-0.3 era folder) onto a loaded base model; return the PeftModel.
+
+    `adapter` is the folder, or what `read_adapter` already read from it (used up here: its config
+    and notes are updated).
 
     The model is checked against the adapter first (target layers exist, shapes fit, every tensor
     has a home), so a wrong adapter raises UserError with the base model left untouched. Notes
@@ -375,10 +378,11 @@ def attach_adapter(model, adapter_path: str, is_trainable: bool = False, adapter
     from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 
     emit = log or _logger.info
+    adapter_path = adapter.path if isinstance(adapter, AdapterFiles) else adapter
     if isinstance(model, PeftModel):
         raise UserError(f"{adapter_path}: the model already carries an adapter; attach to the plain base model "
                         "(or merge the first adapter before loading another).")
-    files = read_adapter(adapter_path)
+    files = adapter if isinstance(adapter, AdapterFiles) else read_adapter(adapter)
     keys = _plan(model, files, adapter_name)
 
     config = files.config
@@ -592,7 +596,6 @@ def _write_baichuan_as_llama(merged, tokenizer, base_path: str, out_dir: str, dt
     state = split_w_pack(merged.state_dict(), merged.config)
     config = llama_config_from_baichuan(merged.config)
     config.dtype = dtype
-    config.use_cache = True
     config.save_pretrained(out_dir)
     _save_safetensors(state, out_dir)
     merged.generation_config.save_pretrained(out_dir)
@@ -612,7 +615,7 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
     (on `prompts`, default: `default_check_prompts`; `tolerance` overrides TOLERANCES[dtype]);
     an existing non-empty out_dir is replaced only when it holds a previous merge (MERGE_MARKER).
     """
-    from .models import ModelArgs, check_model_folder, load_model, load_tokenizer
+    from .models import check_model_folder
     from .training import atomic_dir
 
     if dtype not in MERGE_DTYPES:
@@ -622,22 +625,16 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
     out_dir = os.path.normpath(out_dir)
     replacing = _check_out_dir(out_dir)
     base_config = check_model_folder(base_path, need_tokenizer=True, trust_remote_code=trust_remote_code)
-    read_adapter(adapter_path)  # fail on a bad adapter before spending minutes loading the base
+    adapter = read_adapter(adapter_path)  # fail on a bad adapter before spending minutes loading the base
     started = time.time()
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
-    # 16-bit, never quantised: merging into a dequantised 4-bit copy would bake the quantisation
-    # error into every weight of the published model.
-    model = load_model(ModelArgs(model_name_or_path=base_path, quantization="none", compute_dtype=dtype,
-                                 device=device, trust_remote_code=trust_remote_code), device)
-    peft_model = attach_adapter(model, adapter_path, log=log)
-    log(f"loaded {base_path} ({dtype}) and the adapter in {time.time() - started:.1f}s")
-    if prompts is None:
-        prompts = default_check_prompts(adapter_path, tokenizer, base_config.get("model_type"))
-    reference = _reference_outputs(peft_model, tokenizer, prompts, max_new_tokens)
+    tokenizer, peft_model, reference = _base_with_adapter(
+        base_path, adapter, prompts, max_new_tokens, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, log=log, model_type=base_config.get("model_type"))
 
     merged = peft_model.merge_and_unload()
+    # Also what the LLaMA config written for a Baichuan base inherits.
     merged.config.use_cache = True
-    del peft_model, model
+    del peft_model, adapter
     with atomic_dir(out_dir) as tmp:
         if base_config.get("model_type") == "baichuan":
             _write_baichuan_as_llama(merged, tokenizer, base_path, tmp, dtype)
@@ -668,6 +665,56 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
 # =========================================================================== checking a merge
 
 
+def _base_with_adapter(base_path: str, adapter: str | AdapterFiles, prompts: list | None, max_new_tokens: int, *,
+                       dtype: str, device: str, trust_remote_code: bool, log: Callable[[str], None],
+                       model_type: str | None = None) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(tokenizer, base + adapter, its `_reference_outputs` on `prompts`): what a merge must reproduce.
+
+    `prompts` None: `default_check_prompts` (which needs the tokenizer, hence here).
+    """
+    from .models import ModelArgs, load_model, load_tokenizer
+
+    started = time.time()
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    # 16-bit, never quantised: merging into a dequantised 4-bit copy would bake the quantisation
+    # error into every weight of the published model.
+    model = load_model(ModelArgs(model_name_or_path=base_path, quantization="none", compute_dtype=dtype,
+                                 device=device, trust_remote_code=trust_remote_code), device)
+    peft_model = attach_adapter(model, adapter, log=log)
+    log(f"loaded {base_path} ({dtype}) and the adapter in {time.time() - started:.1f}s")
+    if prompts is None:
+        path = adapter.path if isinstance(adapter, AdapterFiles) else adapter
+        prompts = default_check_prompts(path, tokenizer, model_type)
+    return tokenizer, peft_model, _reference_outputs(peft_model, tokenizer, prompts, max_new_tokens)
+
+
+def adapter_train_config(adapter_path: str) -> dict[str, Any]:
+    """The adapter's train_config.yaml (written by training), or {} when it is missing or unreadable.
+
+    It only supplies defaults (template, columns, data files), so a damaged copy must not stop
+    the work it would have helped.
+    """
+    config_file = os.path.join(adapter_path, "train_config.yaml")
+    if not os.path.isfile(config_file):
+        return {}
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def train_config_columns(settings: Mapping[str, Any]):
+    """The data columns a training config names (`data.Columns`), defaults for those it leaves out."""
+    from .data import Columns
+
+    return Columns(settings.get("instruct_column") or "instruct", settings.get("query_column") or "query",
+                   settings.get("answer_column") or "answer")
+
+
 def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None,
                           n: int = 2) -> list[tuple[str, list[int]]]:
     """A few prompts in the adapter's own training format (train_config.yaml), else generic ones.
@@ -675,26 +722,15 @@ def default_check_prompts(adapter_path: str, tokenizer, model_type: str | None,
     Each is (its text, the ids encode_prompt gives it): the model sees exactly what it was
     trained on, and the text checks that the merged folder's tokenizer gives the same ids.
     """
-    from .data import Columns, encode_prompt, read_records, resolve_template
+    from .data import encode_prompt, read_records, resolve_template
 
-    settings: dict[str, Any] = {}
-    config_file = os.path.join(adapter_path, "train_config.yaml")
-    if os.path.isfile(config_file):
-        import yaml
-
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-            settings = loaded if isinstance(loaded, dict) else {}
-        except (OSError, yaml.YAMLError):
-            settings = {}
+    settings = adapter_train_config(adapter_path)
     try:
         template = resolve_template(str(settings.get("template") or "auto"), tokenizer, model_type)
     except UserError:
         template = "alpaca"
     records: list[dict[str, str]] = []
-    columns = Columns(settings.get("instruct_column") or "instruct", settings.get("query_column") or "query",
-                      settings.get("answer_column") or "answer")
+    columns = train_config_columns(settings)
     for key in ("dev_file", "train_file"):
         data_file = settings.get(key)
         if len(records) < n and isinstance(data_file, str) and os.path.isfile(data_file):
@@ -824,19 +860,16 @@ def check_merge(base_path: str, adapter_path: str, merged_dir: str, prompts: lis
     argmax flips, max |logit diff| and whether it is within `TOLERANCES` (see there for why);
     "ok" also requires the merged tokenizer to give the base tokenizer's ids for each prompt.
     """
-    from .models import ModelArgs, load_model, load_tokenizer
+    from .models import _read_json
 
     if dtype is None:
-        with open(os.path.join(merged_dir, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = _read_json(os.path.join(merged_dir, "config.json"))
         dtype = str(saved.get("dtype") or saved.get("torch_dtype") or "float32")
-    if dtype not in TOLERANCES:
-        raise UserError(f"dtype {dtype!r}: choose one of {', '.join(TOLERANCES)}.")
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
-    model = load_model(ModelArgs(model_name_or_path=base_path, quantization="none", compute_dtype=dtype,
-                                 device=device, trust_remote_code=trust_remote_code), device)
-    peft_model = attach_adapter(model, adapter_path, log=lambda _: None)
-    reference = _reference_outputs(peft_model, tokenizer, prompts, max_new_tokens)
-    del peft_model, model
+    if dtype not in MERGE_DTYPES:
+        raise UserError(f"dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}.")
+    tokenizer, peft_model, reference = _base_with_adapter(base_path, adapter_path, prompts, max_new_tokens, dtype=dtype,
+                                                          device=device, trust_remote_code=trust_remote_code,
+                                                          log=lambda _: None)
+    del peft_model
     gc.collect()
     return _compare_with_merged(merged_dir, reference, tokenizer, dtype, device, tolerance)

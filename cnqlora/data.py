@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,11 @@ def utf8_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
                                  "save the file as UTF-8")
 
 
+def first_text(lines: Iterable[tuple[int, str | None, str | None]]) -> str:
+    """The first non-blank line of `utf8_lines`, left-stripped: "[" starts a JSON array, "{" JSON Lines."""
+    return next((text.lstrip() for _, text, _ in lines if text is not None and text.strip()), "")
+
+
 def _json_array_items(path: str, text: str) -> Iterator[tuple[int, Any, str | None]]:
     """Items of a JSON array with the line each starts on, so errors can name a line."""
     decoder = json.JSONDecoder()
@@ -144,13 +149,16 @@ def _check_record(obj: Any, columns: Columns, require_answer: bool) -> tuple[dic
     return out, None
 
 
-def read_records(path: str, columns: Columns | None = None, require_answer: bool = True) -> ReadResult:
-    """Read every record of a JSONL file or JSON array; collect the bad ones with their line."""
+def read_records(path: str, columns: Columns | None = None, require_answer: bool = True,
+                 lines: list[tuple[int, str | None, str | None]] | None = None) -> ReadResult:
+    """Read every record of a JSONL file or JSON array; collect the bad ones with their line.
+
+    `lines`: the file's `utf8_lines`, when the caller has read them already.
+    """
     columns = columns or Columns()
     result = ReadResult(records=[])
-    lines = list(utf8_lines(path))
-    first = next((text.lstrip() for _, text, _ in lines if text is not None and text.strip()), "")
-    if first.startswith("["):
+    lines = list(utf8_lines(path)) if lines is None else lines
+    if first_text(lines).startswith("["):
         bad_bytes = [(n, err) for n, _, err in lines if err]
         if bad_bytes:
             result.bad.extend(BadRecord(n, err) for n, err in bad_bytes)
@@ -188,9 +196,13 @@ def _to_stderr(message: str) -> None:
 
 
 def load_records(path: str, columns: Columns | None = None, skip_bad_lines: bool = False,
-                 require_answer: bool = True, log: Callable[[str], None] = _to_stderr) -> list[dict[str, Any]]:
-    """Validated records of a data file; stops with every problem listed unless skip_bad_lines."""
-    result = read_records(path, columns, require_answer)
+                 require_answer: bool = True, log: Callable[[str], None] = _to_stderr,
+                 lines: list[tuple[int, str | None, str | None]] | None = None) -> list[dict[str, Any]]:
+    """Validated records of a data file; stops with every problem listed unless skip_bad_lines.
+
+    `lines`: as for `read_records`.
+    """
+    result = read_records(path, columns, require_answer, lines)
     if result.bad:
         for bad in result.bad[:MAX_REPORTED_ERRORS]:
             log(f"{path}:{bad.line}: {bad.reason}")

@@ -8,6 +8,7 @@ scores them, and the adapter with the best dev F1 so far is kept in `<run>/best_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .data import encode_prompt
@@ -16,14 +17,26 @@ from .grounded import allowed_types_from_answers, ner_text_from_query
 from .metrics import ner_metrics
 
 
+def score_answers(predictions: Sequence[str], references: Sequence[str], prompts: Sequence[tuple[str, str]],
+                  types: list[str] | None = None) -> dict[str, Any]:
+    """`ner_metrics` of answers to (instruct, query) prompts, entities checked against each query's sentence.
+
+    `types` default: those the references use (None, i.e. any, when they use none).
+    """
+    types = types or allowed_types_from_answers(references) or None
+    return ner_metrics(predictions, references,
+                       texts=[ner_text_from_query(query or instruct) for instruct, query in prompts], types=types)
+
+
 class DevNerEvaluator:
     """Scores a model's greedy answers on dev records (entity-level P/R/F1 and format checks)."""
 
     def __init__(self, tokenizer, template: str, records: list[dict[str, Any]], types: list[str] | None = None,
                  batch_size: int = 64, max_new_tokens: int = 96) -> None:
+        """`types`: those of the training answers when known; default: those of the dev answers."""
         self.tokenizer = tokenizer
         self.records = records
-        self.types = types or allowed_types_from_answers(r["answer"] for r in records) or None
+        self.types = types
         self.prompts = [encode_prompt(tokenizer, template, r["instruct"], r["query"]).ids for r in records]
         self.gen = GenerationArgs(max_new_tokens=max_new_tokens, batch_size=batch_size)
 
@@ -41,9 +54,8 @@ class DevNerEvaluator:
             if was_training:
                 model.train()
         predictions = [outputs[i] for i in range(len(self.records))]
-        return ner_metrics(predictions, [r["answer"] for r in self.records],
-                           texts=[ner_text_from_query(r["query"] or r["instruct"]) for r in self.records],
-                           types=self.types)
+        return score_answers(predictions, [r["answer"] for r in self.records],
+                             [(r["instruct"], r["query"]) for r in self.records], self.types)
 
 
 def dev_scalars(result: dict[str, Any]) -> dict[str, float]:

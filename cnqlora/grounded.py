@@ -33,6 +33,8 @@ Usage (left-padded batch, greedy or sampling, ``num_beams=1``)::
     out = model.generate(**enc, max_new_tokens=64, logits_processor=LogitsProcessorList([proc]))
     answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
+``grounded_processor_factory`` builds the processor for ``generation.generate_batch``.
+
 Beyond the bare answer format, entities may neither start nor end with whitespace nor contain
 line-breaking characters (those ``str.splitlines`` splits on): answers then parse the same under
 ``metrics.parse_answer`` (which strips and splits lines) and survive decoders that strip a
@@ -61,10 +63,10 @@ import json
 import re
 import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 NOTHING = "没有"
 SEPARATOR = "_"
@@ -926,27 +928,24 @@ class GroundedNerLogitsProcessor(LogitsProcessor):
         return out
 
 
-def grounded_processor_for_batch(
-    tokenizer,
-    queries: Sequence[str],
-    types: Sequence[str],
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_id: int | Sequence[int] | None = None,
-) -> LogitsProcessorList:
-    """A ready ``logits_processor`` for ``model.generate(input_ids, ...)`` on MSRA-style queries.
+def grounded_processor_factory(
+    tokenizer, queries: Sequence[str], types: Sequence[str]
+) -> Callable[[torch.Tensor, int], GroundedNerLogitsProcessor]:
+    """A ``logits_processor_factory`` for ``generation.generate_batch`` on MSRA-style queries.
 
     `queries` are the instruction inputs ("文本：" + sentence; plain sentences pass through), one
-    per row of `input_ids` (the left-padded prompts); `max_new_tokens` must be the value given to
-    generate() (or smaller).
+    per prompt of the batch. The processor is built by the factory because it needs the width of
+    the left-padded batch (its prompt_length) and max_new_tokens, known only inside generate_batch.
     """
     texts = [ner_text_from_query(q) for q in queries]
-    proc = GroundedNerLogitsProcessor(
-        tokenizer,
-        texts=texts,
-        types=types,
-        prompt_length=int(input_ids.shape[-1]),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-    )
-    return LogitsProcessorList([proc])
+
+    def make(input_ids: torch.Tensor, max_new_tokens: int) -> GroundedNerLogitsProcessor:
+        return GroundedNerLogitsProcessor(
+            tokenizer,
+            texts=texts,
+            types=types,
+            prompt_length=int(input_ids.shape[-1]),
+            max_new_tokens=max_new_tokens,
+        )
+
+    return make

@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from .adapters import MERGE_DTYPES
 from .config import opt
-from .data import PromptArgs, encode_prompt, encode_text, load_records, read_records, resolve_template, utf8_lines
+from .data import (PromptArgs, encode_prompt, encode_text, first_text, load_records, read_records, resolve_template,
+                   utf8_lines)
 from .errors import UserError
 from .generation import GenerationArgs, TextStream, generate_batch, length_sorted_batches
 from .models import ModelArgs
-
-MERGE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Loaded:
     template: str
     description: str
     seconds: float
+    device: str
 
 
 def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_model: str | None) -> Loaded:
@@ -84,26 +85,27 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
     started = time.time()
     config = check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
                                 trust_remote_code=model_args.trust_remote_code)
+    adapter = None
     if lora_model is not None:
-        from .adapters import check_adapter_folder
+        from .adapters import read_adapter
 
-        check_adapter_folder(lora_model)
+        adapter = read_adapter(lora_model)
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
     device = resolve_device(model_args.device)
     model = load_model(model_args, device)
     model.config.use_cache = True
-    if lora_model is not None:
+    if adapter is not None:
         from .adapters import attach_adapter
 
         # log: notes about old adapter formats (dropped config keys) reach the user
-        model = attach_adapter(model, lora_model, log=print)
+        model = attach_adapter(model, adapter, log=print)
     model.eval()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     description = (f"model {model_args.model_name_or_path} ({config.get('model_type')}, {model_args.quantization}, "
                    f"compute {dtype}) + {'adapter ' + lora_model if lora_model else 'no adapter'} on {device}; "
                    f"template {template}")
-    return Loaded(model, tokenizer, template, description, time.time() - started)
+    return Loaded(model, tokenizer, template, description, time.time() - started, device)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -114,31 +116,29 @@ class Item:
     instruct: str
     query: str
     reference: str | None
-    line: int
 
 
 def read_inputs(path: str, prompt_args: PromptArgs, args: PredictArgs) -> list[Item]:
     """JSON Lines records (answer optional) or plain text lines, validated before the model loads."""
     lines = list(utf8_lines(path))
-    first = next((text.lstrip() for _, text, _ in lines if text and text.strip()), "")
-    if first.startswith(("{", "[")):
-        records = load_records(path, prompt_args.columns, require_answer=False)
-        return [Item(r["instruct"], r["query"], r["answer"] or None, r["line"]) for r in records]
+    if first_text(lines).startswith(("{", "[")):
+        records = load_records(path, prompt_args.columns, require_answer=False, lines=lines)
+        return [Item(r["instruct"], r["query"], r["answer"] or None) for r in records]
     items = []
     for number, text, error in lines:
         if error:
             raise UserError(f"{path}:{number}: {error}")
         if text.strip():
-            items.append(_typed_item(text.strip(), args, number))
+            items.append(_typed_item(text.strip(), args))
     if not items:
         raise UserError(f"{path}: no input lines.")
     return items
 
 
-def _typed_item(text: str, args: PredictArgs, line: int = 0) -> Item:
+def _typed_item(text: str, args: PredictArgs) -> Item:
     if args.instruct:
-        return Item(args.instruct, args.query_prefix + text, None, line)
-    return Item(args.query_prefix + text, "", None, line)
+        return Item(args.instruct, args.query_prefix + text, None)
+    return Item(args.query_prefix + text, "", None)
 
 
 def prompt_ids(tokenizer, template: str, item: Item, with_prompt: bool) -> list[int]:
@@ -151,6 +151,10 @@ def prompt_ids(tokenizer, template: str, item: Item, with_prompt: bool) -> list[
 
 
 def entity_types(args: PredictArgs, items: list[Item]) -> list[str]:
+    """The types grounded decoding may answer with: --types, else the references', else the training data's.
+
+    Checked here because both interactive and file runs need them before the first generate().
+    """
     from .grounded import allowed_types_from_answers
 
     if args.types:
@@ -158,34 +162,22 @@ def entity_types(args: PredictArgs, items: list[Item]) -> list[str]:
     types = allowed_types_from_answers(i.reference for i in items if i.reference)
     if not types and args.lora_model:
         types = _types_from_training_data(args.lora_model)
+    if not types:
+        raise UserError("--grounded needs the entity types: pass --types 人名,地名,机构名 (no references or training "
+                        "data to infer them from).")
     return types
 
 
 def _types_from_training_data(adapter: str) -> list[str]:
-    import yaml
-
+    from .adapters import adapter_train_config, train_config_columns
     from .grounded import allowed_types_from_answers
 
-    config_path = os.path.join(adapter, "train_config.yaml")
-    if not os.path.isfile(config_path):
+    settings = adapter_train_config(adapter)
+    train_file = settings.get("train_file")
+    if not isinstance(train_file, str) or not os.path.isfile(train_file):
         return []
-    with open(config_path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    train_file = config.get("train_file")
-    if not train_file or not os.path.isfile(train_file):
-        return []
-    result = read_records(train_file)
+    result = read_records(train_file, train_config_columns(settings))
     return allowed_types_from_answers(r["answer"] for r in result.records[:20000])
-
-
-def grounded_factory(tokenizer, texts: list[str], types: list[str]):
-    from .grounded import GroundedNerLogitsProcessor, ner_text_from_query
-
-    def make(input_ids, max_new_tokens):
-        return GroundedNerLogitsProcessor(tokenizer, texts=[ner_text_from_query(t) for t in texts], types=types,
-                                          prompt_length=int(input_ids.shape[1]), max_new_tokens=max_new_tokens)
-
-    return make
 
 
 # --------------------------------------------------------------------------- interactive
@@ -198,6 +190,8 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
                 out: TextIO | None = None) -> int:
     """Single-turn chat: each input is answered on its own, streamed token by token."""
     import torch
+
+    from .grounded import grounded_processor_factory
 
     stdin = stdin or sys.stdin
     out = out or sys.stdout
@@ -224,7 +218,8 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
             ids = prompt_ids(loaded.tokenizer, loaded.template, item, args.with_prompt)
             out.write("Response: ")
             stream = TextStream(loaded.tokenizer, out, skip_prompt_tokens=len(ids))
-            factory = grounded_factory(loaded.tokenizer, [item.query or item.instruct], types) if args.grounded else None
+            factory = (grounded_processor_factory(loaded.tokenizer, [item.query or item.instruct], types)
+                       if args.grounded else None)
             generate_batch(loaded.model, loaded.tokenizer, [ids], gen, factory, streamer=stream)
             out.write("\n\n")
             answered += 1
@@ -267,15 +262,14 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     import torch
     from tqdm.auto import tqdm
 
+    from .grounded import grounded_processor_factory
+
     path = args.predictions_file
     start = _resume_point(path, items) if args.resume else 0
     if start:
         log(f"resuming: {start} of {len(items)} records already in {path}")
     todo = items[start:]
     types = entity_types(args, items) if args.grounded else []
-    if args.grounded and not types:
-        raise UserError("--grounded needs the entity types: pass --types 人名,地名,机构名 (no references or training "
-                        "data to infer them from).")
     ids = [prompt_ids(loaded.tokenizer, loaded.template, item, args.with_prompt) for item in todo]
     torch.manual_seed(gen.seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -288,8 +282,8 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
             for batch in window:
                 factory = None
                 if args.grounded:
-                    factory = grounded_factory(loaded.tokenizer, [todo[i].query or todo[i].instruct for i in batch],
-                                               types)
+                    factory = grounded_processor_factory(
+                        loaded.tokenizer, [todo[i].query or todo[i].instruct for i in batch], types)
                 answers = generate_batch(loaded.model, loaded.tokenizer, [ids[i] for i in batch], gen, factory)
                 outputs.update(zip(batch, answers))
                 bar.update(len(batch))
@@ -301,22 +295,17 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
             f.flush()
     bar.close()
     seconds = time.time() - started
-    return {"predicted": len(todo), "resumed": start, "seconds": seconds,
+    return {"predicted": len(todo), "seconds": seconds,
             "sentences_per_s": len(todo) / seconds if seconds > 0 else 0.0, "types": types}
 
 
 def score_predictions(path: str, types: list[str] | None = None) -> dict[str, Any] | None:
     """Entity-level metrics over a predictions file, or None when it has no references."""
-    from .grounded import ner_text_from_query
-    from .metrics import ner_metrics
+    from .evaluation import score_answers
 
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     rows = [r for r in rows if "reference" in r]
     if not rows:
         return None
-    if not types:
-        from .grounded import allowed_types_from_answers
-
-        types = allowed_types_from_answers(r["reference"] for r in rows) or None
-    return ner_metrics([r["output"] for r in rows], [r["reference"] for r in rows],
-                       texts=[ner_text_from_query(r["input"] or r["instruct"]) for r in rows], types=types)
+    return score_answers([r["output"] for r in rows], [r["reference"] for r in rows],
+                         [(r["instruct"], r["input"]) for r in rows], types)

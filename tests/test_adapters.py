@@ -15,7 +15,6 @@ from cnqlora.adapters import (
     TOLERANCES,
     attach_adapter,
     baichuan_tokenizer_json,
-    check_adapter_folder,
     check_merge,
     merge_adapter,
     read_adapter,
@@ -217,7 +216,7 @@ def test_every_bad_adapter_gives_one_clear_message(tiny_baichuan_dir, tmp_path):
 
     assert "adapter folder not found" in error(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="adapter folder not found"):
-        check_adapter_folder(str(tmp_path / "nowhere"))
+        read_adapter(str(tmp_path / "nowhere"))
     assert "no adapter_config.json" in error(_bad(tmp_path, "empty"))
     run = tmp_path / "run"  # a training run folder instead of its adapter_model/ inside
     write_seed_adapter(run / "adapter_model", good)

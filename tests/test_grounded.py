@@ -26,7 +26,7 @@ from cnqlora.grounded import (
     allowed_types_from_answers,
     byte_table_kind,
     byte_table_mismatches,
-    grounded_processor_for_batch,
+    grounded_processor_factory,
     ner_text_from_query,
     token_byte_table,
     token_trie,
@@ -581,8 +581,8 @@ def test_beam_search_is_refused(sp_model_path):
     tok = _get_tokenizer("sp", sp_model_path)
     model = _model_for(tok)
     enc = tok(["文本：北京\n答案："], return_tensors="pt", add_special_tokens=False)
-    procs = grounded_processor_for_batch(
-        tok, ["文本：北京"], TYPES, enc["input_ids"], max_new_tokens=10
+    procs = LogitsProcessorList(
+        [grounded_processor_factory(tok, ["文本：北京"], TYPES)(enc["input_ids"], 10)]
     )
     with pytest.raises(ValueError, match="beam"):
         model.generate(

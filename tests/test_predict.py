@@ -12,7 +12,8 @@ import test_baichuan
 from cnqlora.cli import run_command
 from cnqlora.data import PromptArgs
 from cnqlora.generation import GenerationArgs, TextStream, generate_batch, generate_ids
-from cnqlora.inference import Item, PredictArgs, interactive, load_for_inference, prompt_ids
+from cnqlora.errors import UserError
+from cnqlora.inference import Item, PredictArgs, entity_types, interactive, load_for_inference, prompt_ids
 from cnqlora.models import ModelArgs
 
 
@@ -46,7 +47,7 @@ def sentences(data_dir, n):
 def test_streaming_and_plain_generation_give_the_same_text(loaded, ner_data_dir):
     gen = GenerationArgs(max_new_tokens=24)
     for record in sentences(ner_data_dir, 3):
-        ids = prompt_ids(loaded.tokenizer, loaded.template, Item(record["instruct"], record["query"], None, 0), True)
+        ids = prompt_ids(loaded.tokenizer, loaded.template, Item(record["instruct"], record["query"], None), True)
         out = io.StringIO()
         stream = TextStream(loaded.tokenizer, out, skip_prompt_tokens=len(ids))
         streamed = generate_batch(loaded.model, loaded.tokenizer, [ids], gen, streamer=stream)[0]
@@ -56,7 +57,7 @@ def test_streaming_and_plain_generation_give_the_same_text(loaded, ner_data_dir)
 
 def test_batched_greedy_equals_one_at_a_time(loaded, ner_data_dir):
     gen = GenerationArgs(max_new_tokens=16)
-    prompts = [prompt_ids(loaded.tokenizer, loaded.template, Item(r["instruct"], r["query"], None, 0), True)
+    prompts = [prompt_ids(loaded.tokenizer, loaded.template, Item(r["instruct"], r["query"], None), True)
                for r in sentences(ner_data_dir, 6)]
     assert len({len(p) for p in prompts}) > 1  # left padding is really exercised
     together = generate_ids(loaded.model, loaded.tokenizer, prompts, gen)
@@ -67,7 +68,7 @@ def test_batched_greedy_equals_one_at_a_time(loaded, ner_data_dir):
 def test_the_adapter_changes_the_output(loaded, tiny_ner_model_dir, ner_data_dir):
     base = load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(), None)
     record = sentences(ner_data_dir, 1)[0]
-    ids = prompt_ids(loaded.tokenizer, loaded.template, Item(record["instruct"], record["query"], None, 0), True)
+    ids = prompt_ids(loaded.tokenizer, loaded.template, Item(record["instruct"], record["query"], None), True)
     gen = GenerationArgs(max_new_tokens=12)
     assert generate_ids(base.model, base.tokenizer, [ids], gen) != generate_ids(loaded.model, loaded.tokenizer, [ids], gen)
 
@@ -191,6 +192,38 @@ def test_bad_inputs_give_one_message_and_exit_2(tiny_ner_model_dir, adapter_dir,
         assert run_command(predict.main, argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_grounded_types_are_read_with_the_adapters_own_columns(tmp_path):
+    import yaml
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "找出实体", "text": "文本：张伟在北京", "label": "张伟_人名\n北京_地名"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "train_config.yaml").write_text(yaml.safe_dump(
+        {"instruct_column": "instruction", "query_column": "text", "answer_column": "label",
+         "train_file": str(data)}), encoding="utf-8")
+    assert entity_types(PredictArgs(lora_model=str(adapter), grounded=True), []) == ["人名", "地名"]
+
+
+def test_a_damaged_train_config_means_no_types_and_a_clear_message(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "train_config.yaml").write_text("train_file: [not closed\n", encoding="utf-8")
+    with pytest.raises(UserError, match="--grounded needs the entity types"):
+        entity_types(PredictArgs(lora_model=str(adapter), grounded=True), [])
+
+
+def test_interactive_grounded_without_types_gives_the_message_not_a_traceback(tiny_ner_model_dir, adapter_dir,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("张伟在北京\n\n"))
+    argv = ["--base_model", tiny_ner_model_dir, "--lora_model", adapter_dir, "--interactive", "--grounded",
+            "--only_cpu", "--max_new_tokens", "6"]
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--grounded needs the entity types" in err and "Traceback" not in err, err
 
 
 def test_test_baichuan_checks_a_model(tiny_ner_model_dir, capsys, tmp_path):
