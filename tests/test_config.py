@@ -88,7 +88,16 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
 def test_every_shipped_config_parses(path):
-    parse(["--config", path])
+    import yaml
+
+    sections = parse(["--config", path])
+    parsed = {name: getattr(section, name) for section in sections for name in section.__dataclass_fields__}
+    with open(path, encoding="utf-8") as f:
+        written = yaml.safe_load(f)
+    # every key the file sets reaches its option (lists may be written as comma-separated text)
+    for key, value in written.items():
+        got = parsed[key]
+        assert got == value or (isinstance(got, list) and ",".join(got) == value), (key, got, value)
 
 
 def test_prediction_reads_only_model_and_prompt_from_a_training_config(tmp_path):
