@@ -6,6 +6,7 @@
         --types PER=人名,LOC=地名,ORG=机构名,MISC= --out data/my_ner   # your own BIO/BMES corpus
     python dataset.py --check data/msra/train.txt             # validate a file, print length statistics
     python dataset.py --check data/msra/train.txt --tokenizer_path model_hub/baichuan-7B
+    python dataset.py --check data/msra/dev.txt --seen_in data/msra/train.txt   # entities the training data has
 
 --prepare writes train.txt, dev.txt (the last --dev_size training sentences) and test.txt (the
 official test split) as JSON Lines in the instruction format: entities deduplicated in order of
@@ -37,6 +38,10 @@ class DatasetArgs:
     template: str = opt("auto", "with --check: prompt template for the token statistics")
     max_seq_len: int = opt(256, "with --check: truncation length for the token statistics")
     skip_bad_lines: bool = opt(False, "with --check: report bad records but still print statistics")
+    seen_in: str | None = opt(None, "with --check: the share of the file's answer entities that the answers of this "
+                              "(training) file also name; unseen entities are the hard ones")
+    spread: int | None = opt(None, "with --check: only N records spread evenly over the file, as training's "
+                             "max_dev_samples takes them")
 
 
 def main(argv=None):
@@ -60,7 +65,9 @@ def main(argv=None):
 def check(args):
     from cnqlora.data import load_records, resolve_template, tokenize_records
 
-    records = load_records(args.check, skip_bad_lines=args.skip_bad_lines)
+    from cnqlora.training import spread
+
+    records = spread(load_records(args.check, skip_bad_lines=args.skip_bad_lines), args.spread)
     answers = sum(1 for r in records if r["answer"].strip() == "没有")
     print(f"{args.check}: {len(records):,} good records; {answers:,} answer 没有; "
           f"mean characters: prompt {sum(len(r['instruct']) + len(r['query']) for r in records) / len(records):.1f}, "
@@ -75,6 +82,14 @@ def check(args):
                                     "baichuan" if is_baichuan_folder(args.tokenizer_path) else None)
         _, stats = tokenize_records(records, tokenizer, template, args.max_seq_len)
         print(f"template {template}: " + stats.describe("tokens", args.max_seq_len))
+    if args.seen_in:
+        from cnqlora.metrics import answer_entities
+
+        seen = answer_entities(r["answer"] for r in load_records(args.seen_in, skip_bad_lines=args.skip_bad_lines))
+        # per record, as the metrics count them
+        pairs = [pair for r in records for pair in answer_entities([r["answer"]])]
+        share = sum(pair in seen for pair in pairs) / len(pairs) if pairs else 0.0
+        print(f"entities: {len(pairs):,}; {100 * share:.1f}% also named in {args.seen_in}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cnqlora.data import load_records  # noqa: E402
 from cnqlora.grounded import allowed_types_from_answers  # noqa: E402
-from cnqlora.metrics import ERROR_KINDS, error_kinds, ner_metrics, parse_answer  # noqa: E402
+from cnqlora.metrics import ERROR_KINDS, answer_entities, error_kinds, ner_metrics, parse_answer  # noqa: E402
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -70,10 +70,8 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
 
 def seen_in_training(rows: list[dict], types: list[str] | None, train_file: str) -> dict:
     """Recall of the reference entities that occur in the training answers, and of the others."""
-    seen = set()
     # Bad records are skipped, not fatal: a run with --skip_bad_lines trained on the rest only.
-    for record in load_records(train_file, skip_bad_lines=True):
-        seen.update(parse_answer(record["answer"], types).entities)
+    seen = answer_entities((r["answer"] for r in load_records(train_file, skip_bad_lines=True)), types)
     counts = {"seen": [0, 0], "unseen": [0, 0]}  # [reference entities, found]
     for row in rows:
         predicted = set(parse_answer(row["output"], types).entities)

@@ -53,7 +53,7 @@ dumps to JSON as is.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "METRIC_NAMES",
     "ERROR_KINDS",
     "error_kinds",
+    "answer_entities",
 ]
 
 NONE_ANSWER = "没有"
@@ -220,6 +221,12 @@ class NerScorer:
             "records_without_reference": self._without_reference,
             "references_not_well_formed": self._bad_references,
         }
+
+
+def answer_entities(answers: Iterable[str], types: Collection[str] | None = None) -> set[Pair]:
+    """Every (entity, type) pair that any of the answers names."""
+    checked = _check_types(types)
+    return {pair for answer in answers for pair in _parse(answer, checked).entities}
 
 
 ERROR_KINDS = {

@@ -178,3 +178,24 @@ def test_tokenize_records_counts_and_statistics(tokenizer, tmp_path):
     again, _ = tokenize_records(records, tokenizer, "baichuan", 40, cache_dir=str(tmp_path))
     assert again["input_ids"] == dataset["input_ids"]
     assert any(p.name.startswith("tokenized-") for p in tmp_path.iterdir())
+
+
+def test_dataset_check_reports_entities_seen_in_training(tmp_path, capsys):
+    import dataset
+
+    def record(answer):
+        return json.dumps({"instruct": "找实体", "query": "文本：x", "answer": answer}, ensure_ascii=False) + "\n"
+
+    train = tmp_path / "train.txt"
+    train.write_text(record("北京_地名\n张三_人名") + record("没有"), encoding="utf-8")
+    dev = tmp_path / "dev.txt"
+    # per record: 北京_地名 seen, 北京_人名 not (another type), 上海_地名 not; then 北京_地名 again (seen)
+    dev.write_text(record("北京_地名\n北京_人名\n上海_地名") + record("没有") + record("北京_地名") + record("没有"),
+                   encoding="utf-8")
+    dataset.main(["--check", str(dev), "--seen_in", str(train)])
+    assert f"entities: 4; 50.0% also named in {train}" in capsys.readouterr().out
+    # two records spread over four: the 1st and the 3rd
+    dataset.main(["--check", str(dev), "--seen_in", str(train), "--spread", "2"])
+    out = capsys.readouterr().out
+    assert f"{dev}: 2 good records; 0 answer 没有" in out
+    assert f"entities: 4; 50.0% also named in {train}" in out
