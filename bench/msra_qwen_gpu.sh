@@ -61,7 +61,7 @@ test)
   flag=""; [ "$mode" = grounded ] && flag=--grounded
   adapter=(--lora_model $RUNS/$run/best_adapter); [ "$run" = zeroshot ] && adapter=()
   mkdir -p "$OUT/$run"
-  # the longest official test answer is 231 Qwen tokens
+  # the longest official test answer is 231 Qwen tokens with EOS (dataset.py --check ... --template chat)
   ${TIMEOUT:+timeout $TIMEOUT} python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
     "${adapter[@]}" --data_file $DATA/test.txt --types 人名,地名,机构名 $flag \
     --predictions_file $RUNS/$run/test.$mode.jsonl --metrics_file $RUNS/$run/test.$mode.metrics.json \

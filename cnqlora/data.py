@@ -351,10 +351,11 @@ class LengthStats:
     p95: int
     max: int
     labelled_mean: float
+    labelled_max: int = 0  # answer + EOS: how many new tokens generation must allow
 
     def describe(self, name: str, max_seq_len: int) -> str:
         return (f"{name}: {self.records:,} records -> {self.samples:,} samples; tokens/sample mean {self.mean:.1f}, "
-                f"p95 {self.p95}, max {self.max} (labelled mean {self.labelled_mean:.1f}); "
+                f"p95 {self.p95}, max {self.max} (labelled mean {self.labelled_mean:.1f}, max {self.labelled_max}); "
                 f"{self.shortened:,} shortened (query cut to fit {max_seq_len}), "
                 f"{self.dropped:,} dropped (answer + EOS longer than {max_seq_len})")
 
@@ -412,6 +413,6 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: st
     stats = LengthStats(
         records=len(records), samples=len(lengths), shortened=shortened, dropped=dropped,
         mean=sum(lengths) / max(1, len(lengths)), p95=_percentile(lengths, 0.95), max=lengths[-1] if lengths else 0,
-        labelled_mean=sum(labelled) / max(1, len(labelled)),
+        labelled_mean=sum(labelled) / max(1, len(labelled)), labelled_max=max(labelled, default=0),
     )
     return kept, stats

@@ -173,6 +173,8 @@ def test_tokenize_records_counts_and_statistics(tokenizer, tmp_path):
     assert stats.max == lengths[-1] == 40 and stats.shortened == too_long > 0
     assert stats.mean == pytest.approx(sum(lengths) / 20)
     assert stats.p95 == lengths[18]
+    labelled = [sum(1 for t in labels if t != IGNORE_INDEX) for labels in dataset["labels"]]
+    assert stats.labelled_max == max(labelled) and f"max {max(labelled)});" in stats.describe("train", 40)
     assert "1 dropped" in stats.describe("train", 40)
     # Second call is served from the on-disk cache and gives the same samples.
     again, _ = tokenize_records(records, tokenizer, "baichuan", 40, cache_dir=str(tmp_path))
