@@ -4,6 +4,7 @@
     python dataset.py --prepare msra --source dh_msra.txt     # convert a local copy of the corpus
     python dataset.py --prepare msra --source my_train.bio --test_source my_test.bio \\
         --types PER=人名,LOC=地名,ORG=机构名,MISC= --out data/my_ner   # your own BIO/BMES corpus
+    python dataset.py --prepare msra --join_lists 3           # also train_joined.txt (see --join_lists)
     python dataset.py --check data/msra/train.txt             # validate a file, print length statistics
     python dataset.py --check data/msra/train.txt --tokenizer_path model_hub/baichuan-7B
     python dataset.py --check data/msra/dev.txt --seen_in data/msra/train.txt   # entities the training data has
@@ -33,6 +34,9 @@ class DatasetArgs:
     out: str = opt("data/msra", "output folder")
     types: str = opt("PER=人名,LOC=地名,ORG=机构名", "tag type -> entity type name; TYPE= drops a type")
     dev_size: int = opt(2000, "the last N training sentences become dev.txt")
+    join_lists: int = opt(0, "with --prepare: also write train_joined.txt = train.txt plus a copy of each training "
+                          "sentence that lists at least N entities separated by 、, the separators removed (lists "
+                          "printed without separators, like the name lists of the MSRA test split); 0: off")
     check: str | None = opt(None, "validate this data file and print its statistics")
     tokenizer_path: str | None = opt(None, "with --check: also print token-length statistics for this tokenizer")
     template: str = opt("auto", "with --check: prompt template for the token statistics")
@@ -54,7 +58,7 @@ def main(argv=None):
 
         meta = prepare_msra(out_dir=args.out, source=args.source, test_source=args.test_source,
                             types=parse_types(args.types), dev_size=args.dev_size,
-                            train_sentences=args.train_sentences)
+                            train_sentences=args.train_sentences, join_lists=args.join_lists)
         print(summarize(meta))
     elif args.check:
         check(args)

@@ -8,6 +8,9 @@
 #   bash bench/msra_qwen_gpu.sh train RUN [TRAINING OPTIONS...]
 #                                                # configs/msra_qwen0.5b.yaml; resumes RUN's newest
 #                                                # checkpoint, so a call cut short loses little
+#   bash bench/msra_qwen_gpu.sh fetch RUN          # RUN's best_adapter into $OUT/RUN in 15 MiB pieces
+#                                                # (the device tool returns files of 16 MiB at most);
+#                                                # here: cat adapter.tar.* | tar -x
 #   bash bench/msra_qwen_gpu.sh test RUN plain|grounded [PREDICT OPTIONS...]
 #                                                # the official test split with RUN's best_adapter
 #                                                # (best dev F1); resumes a torn predictions file;
@@ -26,7 +29,7 @@ GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 quiet() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^ *$' || true; }
 
-stage=${1:?stage: setup, train or test}; shift
+stage=${1:?stage: setup, train, fetch or test}; shift
 mkdir -p "$OUT" $RUNS
 
 case $stage in
@@ -36,7 +39,8 @@ setup)
     touch /tmp/site/.done
   fi
   if [ -f .up/dh_msra.txt ] && [ ! -f $DATA/test.txt ]; then
-    python3 dataset.py --prepare msra --source .up/dh_msra.txt --out $DATA
+    # train_joined.txt: train.txt plus copies of its 、-separated entity lists without the 、
+    python3 dataset.py --prepare msra --source .up/dh_msra.txt --out $DATA --join_lists 3
   fi
   if [ ! -f $MODEL/config.json ] && [ "$(ls /tmp/up/q0? 2>/dev/null | wc -l)" = 9 ]; then
     cat /tmp/up/q0? > /tmp/model.gguf
@@ -48,10 +52,13 @@ setup)
 train)
   run=${1:?run name}; shift
   mkdir -p "$OUT/$run"
+  # a finished run is not trained again, so one command line can serve every call of a session
+  if [ -f $RUNS/$run/adapter_model/adapter_model.safetensors ]; then echo "$run: already trained"; else
   ${TIMEOUT:+timeout $TIMEOUT} python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
     --train_file $DATA/train.txt --dev_file $DATA/dev.txt --output_dir $RUNS --run_name "$run" \
     --resume_from_checkpoint auto "$@" 2>&1 | quiet | tee -a $RUNS/$run.train.log \
     || echo "training stopped early (exit $?); the next 'train $run' resumes it"
+  fi
   cp $RUNS/$run.train.log "$OUT/$run/"
   cp $RUNS/$run/metrics.jsonl "$OUT/$run/" 2>/dev/null || true
   cp $RUNS/$run/best_adapter/dev_metrics.json "$OUT/$run/" 2>/dev/null || true
@@ -61,16 +68,24 @@ test)
   flag=""; [ "$mode" = grounded ] && flag=--grounded
   adapter=(--lora_model $RUNS/$run/best_adapter); [ "$run" = zeroshot ] && adapter=()
   mkdir -p "$OUT/$run"
+  if [ -f $RUNS/$run/test.$mode.metrics.json ]; then echo "$run $mode: already scored"; else
   # the longest official test answer is 231 Qwen tokens with EOS (dataset.py --check ... --template chat)
   ${TIMEOUT:+timeout $TIMEOUT} python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
     "${adapter[@]}" --data_file $DATA/test.txt --types 人名,地名,机构名 $flag \
     --predictions_file $RUNS/$run/test.$mode.jsonl --metrics_file $RUNS/$run/test.$mode.metrics.json \
     --resume --batch_size 128 --max_new_tokens 256 "$@" 2>&1 | quiet | tee -a $RUNS/$run.test.$mode.log \
     || echo "prediction stopped early (exit $?); the next 'test $run $mode' resumes it"
+  fi
   cp $RUNS/$run/test.$mode.jsonl $RUNS/$run.test.$mode.log "$OUT/$run/"
   cp $RUNS/$run/test.$mode.metrics.json "$OUT/$run/" 2>/dev/null || true
   ;;
+fetch)
+  run=${1:?run name}
+  mkdir -p "$OUT/$run"
+  tar -C $RUNS/$run -cf - best_adapter | split -b 15M - "$OUT/$run/adapter.tar."
+  ls -l "$OUT/$run"
+  ;;
 *)
-  echo "unknown stage $stage: setup, train or test" >&2; exit 2
+  echo "unknown stage $stage: setup, train, fetch or test" >&2; exit 2
   ;;
 esac

@@ -341,3 +341,53 @@ def test_prepare_without_source_fetches_into_out_dir(tmp_path, monkeypatch):
     assert seen == [os.path.join(out, ".cache")]
     assert meta["source"] == os.path.abspath(src)
     assert msra.summarize(meta).count("sentences") == 3
+
+
+def _sentence(pairs):
+    return msra.TaggedSentence([c for c, _ in pairs], [t for _, t in pairs], 1)
+
+
+def _bio(text, tag=None):
+    """(char, tag) pairs of one entity of type `tag`, or of untagged text."""
+    if tag is None:
+        return [(c, "O") for c in text]
+    return [(c, ("B-" if i == 0 else "I-") + tag) for i, c in enumerate(text)]
+
+
+def test_join_listed_removes_only_separators_between_listed_entities():
+    # 费孝通、胡绳、钱伟长 are listed; the 、 after 北京 is followed by plain text, 等 ends the list
+    s = _sentence(_bio("费孝通", "PER") + _bio("、") + _bio("胡绳", "PER") + _bio("、") + _bio("钱伟长", "PER")
+                  + _bio("等在") + _bio("北京", "LOC") + _bio("、") + _bio("开会"))
+    joined = msra.join_listed(s, min_joins=2)
+    assert "".join(joined.chars) == "费孝通胡绳钱伟长等在北京、开会"
+    assert len(joined.tags) == len(joined.chars)
+    record = msra.sentence_to_record(joined.chars, joined.tags)
+    assert record["answer"] == msra.sentence_to_record(s.chars, s.tags)["answer"] == "费孝通_人名\n胡绳_人名\n钱伟长_人名\n北京_地名"
+    assert msra.join_listed(s, min_joins=3) is None  # only two separators sit between entities
+
+
+def test_join_listed_keeps_separators_that_would_merge_entities():
+    # IO-style tags: without the 、 the two names would read as one, so it stays
+    io = [(c, "I-PER") for c in "张三"] + _bio("、") + [(c, "I-PER") for c in "李四"]
+    assert msra.join_listed(_sentence(io), min_joins=1) is None
+    # a separator of another kind, or one tagged as part of an entity, is not a list separator
+    assert msra.join_listed(_sentence(_bio("张三", "PER") + _bio("，") + _bio("李四", "PER")), min_joins=1) is None
+    assert msra.join_listed(_sentence(_bio("张三", "PER") + _bio("、") + _bio("李四", "PER")), min_joins=1).chars == list("张三李四")
+
+
+def test_prepare_join_lists_writes_train_plus_joined_copies(tmp_path):
+    listed = _bio("王五", "PER") + _bio("、") + _bio("赵六", "PER") + _bio("、") + _bio("孙七", "PER")
+    src = write(tmp_path, "c.txt", tagged(listed, _bio("今天"), listed, [("京", "S-LOC")]))
+    out = str(tmp_path / "out")
+    meta = msra.prepare_msra(out, source=src, train_sentences=3, dev_size=1, join_lists=2)
+    files = read_out(out)
+    files["train_joined"] = open(os.path.join(out, "train_joined.txt"), encoding="utf-8").read()
+    # the copy comes after the untouched training records; the dev sentence (also a list) is not copied
+    assert files["train_joined"] == files["train"] + line("王五赵六孙七", "王五_人名\\n赵六_人名\\n孙七_人名") + "\n"
+    assert meta["counts"]["train_joined"]["joined_copies"] == 1
+    assert meta["counts"]["train_joined"]["sentences"] == 3
+    assert "1 of them copies with list separators removed" in msra.summarize(meta)
+    # off by default: no extra file
+    out2 = str(tmp_path / "out2")
+    msra.prepare_msra(out2, source=src, train_sentences=3, dev_size=1)
+    assert "train_joined.txt" not in os.listdir(out2)
