@@ -238,6 +238,24 @@ def join_listed(sentence: TaggedSentence, min_joins: int,
     return TaggedSentence([sentence.chars[i] for i in keep], [sentence.tags[i] for i in keep], sentence.line)
 
 
+def entity_junctions(text: str, entities: Iterable[str], separators: str = LIST_SEPARATORS) -> tuple[int, int]:
+    """(joined, separated): the places in `text` where one of the entities ends and another
+    starts right away, or after a single separator; how often a record lists entities with no
+    separator, and how often with one. Mentions are found by string search, as an answer does
+    not say where its entities are."""
+    starts: set[int] = set()
+    ends: set[int] = set()
+    for entity in set(entities):
+        at = text.find(entity)
+        while at >= 0 and entity:
+            starts.add(at)
+            ends.add(at + len(entity))
+            at = text.find(entity, at + 1)
+    joined = len(starts & ends)
+    separated = sum(1 for i in ends if i < len(text) and text[i] in separators and i + 1 in starts)
+    return joined, separated
+
+
 def _types_help(found: Iterable[str]) -> str:
     example = ",".join(f"{t}={DEFAULT_TYPES.get(t, '类型名')}" for t in sorted(found))
     return (f"map every type with --types, e.g. --types \"{example}\" "

@@ -201,3 +201,18 @@ def test_dataset_check_reports_entities_seen_in_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{dev}: 2 good records; 0 answer 没有" in out
     assert f"entities: 4; 50.0% also named in {train}" in out
+
+
+def test_dataset_check_counts_entity_lists(tmp_path, capsys):
+    import dataset
+
+    def record(query, answer):
+        return json.dumps({"instruct": "找实体", "query": "文本：" + query, "answer": answer}, ensure_ascii=False) + "\n"
+
+    data = tmp_path / "d.txt"
+    names = "\n".join(f"{n}_人名" for n in ("王五", "赵六", "孙七", "李八"))
+    data.write_text(record("王五赵六孙七李八", names) + record("王五、赵六、孙七、李八", names)
+                    + record("王五赵六、孙七", names) + record("今天", "没有"), encoding="utf-8")
+    dataset.main(["--check", str(data)])
+    assert ("with no separator 3+ times in 1, 5+ times in 0; separated by 、 3+ times in 1, 5+ times in 0"
+            in capsys.readouterr().out)

@@ -391,3 +391,10 @@ def test_prepare_join_lists_writes_train_plus_joined_copies(tmp_path):
     out2 = str(tmp_path / "out2")
     msra.prepare_msra(out2, source=src, train_sentences=3, dev_size=1)
     assert "train_joined.txt" not in os.listdir(out2)
+
+
+def test_entity_junctions_counts_lists_with_and_without_separators():
+    # 王五 then 赵六 directly, 赵六、孙七 with a separator, 孙七 and 京 apart; 王五 twice
+    assert msra.entity_junctions("王五赵六、孙七在京见王五", ["王五", "赵六", "孙七", "京"]) == (1, 1)
+    assert msra.entity_junctions("王五赵六孙七", ["王五", "赵六", "孙七", "赵六"]) == (2, 0)
+    assert msra.entity_junctions("没有实体", []) == (0, 0)
