@@ -8,6 +8,10 @@
 #   bash bench/msra_qwen_gpu.sh train RUN [TRAINING OPTIONS...]
 #                                                # configs/msra_qwen0.5b.yaml; resumes RUN's newest
 #                                                # checkpoint, so a call cut short loses little
+#   DEADLINE=$(( $(date +%s) + 560 )) bash bench/msra_qwen_gpu.sh all RUN [TRAINING OPTIONS...]
+#                                                # train, then test plain and grounded, then fetch,
+#                                                # each stage stopped at DEADLINE; run it again in
+#                                                # the next call to go on where it stopped
 #   bash bench/msra_qwen_gpu.sh fetch RUN          # RUN's best_adapter into $OUT/RUN in 15 MiB pieces
 #                                                # (the device tool returns files of 16 MiB at most);
 #                                                # here: cat adapter.tar.* | tar -x
@@ -22,14 +26,15 @@ set -euo pipefail
 # progress bars redraw in place; one line every 30 s is enough in a log
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=30
 OUT=${OUT:-/tmp/out}
-MODEL=/tmp/qwen-hf
-DATA=/tmp/msra
-RUNS=/tmp/runs
+# overridable only to try the stages on a small model elsewhere
+MODEL=${MODEL:-/tmp/qwen-hf}
+DATA=${DATA:-/tmp/msra}
+RUNS=${RUNS:-/tmp/runs}
 GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 quiet() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^ *$' || true; }
 
-stage=${1:?stage: setup, train, fetch or test}; shift
+stage=${1:?stage: setup, train, test, fetch or all}; shift
 mkdir -p "$OUT" $RUNS
 
 case $stage in
@@ -79,6 +84,18 @@ test)
   cp $RUNS/$run/test.$mode.jsonl $RUNS/$run.test.$mode.log "$OUT/$run/"
   cp $RUNS/$run/test.$mode.metrics.json "$OUT/$run/" 2>/dev/null || true
   ;;
+all)
+  run=${1:?run name}; shift
+  left() { local t=$(( ${DEADLINE:?set DEADLINE to the epoch second the call must end by} - $(date +%s) )); echo $(( t > 1 ? t : 1 )); }
+  TIMEOUT=$(left) bash "$0" train "$run" "$@"
+  [ -f $RUNS/$run/adapter_model/adapter_model.safetensors ] || exit 0
+  for mode in plain grounded; do
+    # a test needs about 20 s to load before it predicts anything
+    [ "$(left)" -gt 40 ] || exit 0
+    TIMEOUT=$(left) bash "$0" test "$run" $mode
+  done
+  if [ -f $RUNS/$run/test.grounded.metrics.json ]; then bash "$0" fetch "$run"; fi
+  ;;
 fetch)
   run=${1:?run name}
   mkdir -p "$OUT/$run"
@@ -86,6 +103,6 @@ fetch)
   ls -l "$OUT/$run"
   ;;
 *)
-  echo "unknown stage $stage: setup, train, fetch or test" >&2; exit 2
+  echo "unknown stage $stage: setup, train, test, fetch or all" >&2; exit 2
   ;;
 esac
