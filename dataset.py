@@ -97,19 +97,9 @@ def check(args):
         pairs = [pair for r in records for pair in answer_entities([r["answer"]])]
         share = sum(pair in seen for pair in pairs) / len(pairs) if pairs else 0.0
         print(f"entities: {len(pairs):,}; {100 * share:.1f}% also named in {args.seen_in}")
+    from cnqlora.msra import list_summary
+
     print(list_summary(records))
-
-
-def list_summary(records, at_least=(3, 5)):
-    """How many records list entities run together, and how many with 、 between them."""
-    from cnqlora.metrics import parse_answer
-    from cnqlora.msra import entity_junctions
-
-    counts = [entity_junctions(r["query"], [e for e, _ in parse_answer(r["answer"]).entities]) for r in records]
-    parts = []
-    for kind, k in (("with no separator", 0), ("separated by 、", 1)):
-        parts.append(f"{kind} " + ", ".join(f"{n}+ times in {sum(c[k] >= n for c in counts):,}" for n in at_least))
-    return "records where an entity is followed by the next one " + "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from cnqlora.errors import UserError
+from cnqlora.metrics import parse_answer
 
 # The seed project's instruction, kept byte for byte: models fine-tuned on it and the prediction
 # scripts expect exactly this text (the "\n" is a real newline in the prompt).
@@ -256,6 +257,16 @@ def entity_junctions(text: str, entities: Iterable[str], separators: str = LIST_
     return joined, separated
 
 
+def list_summary(records: Iterable[Mapping[str, str]], at_least: Sequence[int] = (3, 5)) -> str:
+    """One line: how many records list entities run together, and how many with 、 between them
+    (`entity_junctions` over each record's query and answer entities)."""
+    counts = [entity_junctions(r["query"], [e for e, _ in parse_answer(r["answer"]).entities]) for r in records]
+    parts = []
+    for kind, k in (("with no separator", 0), ("separated by 、", 1)):
+        parts.append(f"{kind} " + ", ".join(f"{n}+ times in {sum(c[k] >= n for c in counts):,}" for n in at_least))
+    return "records where an entity is followed by the next one " + "; ".join(parts)
+
+
 def _types_help(found: Iterable[str]) -> str:
     example = ",".join(f"{t}={DEFAULT_TYPES.get(t, '类型名')}" for t in sorted(found))
     return (f"map every type with --types, e.g. --types \"{example}\" "
@@ -468,6 +479,8 @@ def prepare_msra(out_dir: str = "data/msra", source: str | None = None,
         types = parse_types(types)
     if dev_size < 0:
         raise UserError(f"dev_size must be 0 or more, not {dev_size}")
+    if join_lists < 0:
+        raise UserError(f"join_lists must be 0 (off) or more, not {join_lists}")
     if source is None:
         if test_source is not None:
             raise UserError("--test_source needs --source (the file for the train split)")

@@ -387,6 +387,8 @@ def test_prepare_join_lists_writes_train_plus_joined_copies(tmp_path):
     assert meta["counts"]["train_joined"]["joined_copies"] == 1
     assert meta["counts"]["train_joined"]["sentences"] == 3
     assert "1 of them copies with list separators removed" in msra.summarize(meta)
+    with pytest.raises(UserError, match="join_lists must be 0"):
+        msra.prepare_msra(out, source=src, train_sentences=3, dev_size=1, join_lists=-1)
     # off by default: no extra file
     out2 = str(tmp_path / "out2")
     msra.prepare_msra(out2, source=src, train_sentences=3, dev_size=1)
