@@ -64,6 +64,7 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
         "dense": {"threshold": dense, "records": len(dense_rows),
                   "gold": (dense_micro["tp"] + dense_micro["fn"]) if dense_micro else 0,
                   "fp": dense_micro["fp"] if dense_micro else 0, "fn": dense_micro["fn"] if dense_micro else 0,
+                  "f1": dense_micro["f1"] if dense_micro else None,
                   "f1_without": micro(other_rows, types)["f1"] if other_rows else None},
     }
 
@@ -96,8 +97,9 @@ def report(result: dict, rows: list[dict], examples: int) -> str:
     lines.append("")
     lines.append(f"{d['records']} records with >= {d['threshold']} reference entities hold {d['gold']} of "
                  f"{m['tp'] + m['fn']}; they have {d['fn']} of the {m['fn']} misses and {d['fp']} of the "
-                 f"{m['fp']} false entities" + (f"; F1 of the other records {100 * d['f1_without']:.2f}"
-                                                if d["f1_without"] is not None else ""))
+                 f"{m['fp']} false entities"
+                 + (f"; their F1 {100 * d['f1']:.2f}" if d["f1"] is not None else "")
+                 + (f"; F1 of the other records {100 * d['f1_without']:.2f}" if d["f1_without"] is not None else ""))
     if "seen" in result:
         seen, unseen = result["seen"]["seen"], result["seen"]["unseen"]
         total = seen["reference"] + unseen["reference"]
