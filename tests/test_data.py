@@ -216,3 +216,8 @@ def test_dataset_check_counts_entity_lists(tmp_path, capsys):
     dataset.main(["--check", str(data)])
     assert ("with no separator 3+ times in 1, 5+ times in 0; separated by 、 3+ times in 1, 5+ times in 0"
             in capsys.readouterr().out)
+    # answers that are not entity lines: no list count
+    other = tmp_path / "o.txt"
+    other.write_text(record("写一首诗", "春眠不觉晓") + record("翻译", "hello"), encoding="utf-8")
+    dataset.main(["--check", str(other)])
+    assert "records where an entity" not in capsys.readouterr().out
