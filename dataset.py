@@ -97,12 +97,11 @@ def check(args):
         pairs = [pair for r in records for pair in answer_entities([r["answer"]])]
         share = sum(pair in seen for pair in pairs) / len(pairs) if pairs else 0.0
         print(f"entities: {len(pairs):,}; {100 * share:.1f}% also named in {args.seen_in}")
-    from cnqlora.metrics import parse_answer
     from cnqlora.msra import list_summary
 
-    # only for NER data: other instruction data has no entity lists to count
-    if 2 * sum(parse_answer(r["answer"]).well_formed for r in records) >= len(records):
-        print(list_summary(records))
+    lists = list_summary(records)
+    if lists:
+        print(lists)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,11 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
     dense_rows = [r for r, d in zip(rows, is_dense) if d]
     other_rows = [r for r, d in zip(rows, is_dense) if not d]
     all_micro = micro(rows, types)
-    dense_micro = micro(dense_rows, types) if dense_rows else None
+    dense_micro = micro(dense_rows, types) if dense_rows else {"tp": 0, "fp": 0, "fn": 0, "f1": None}
     return {
         "records": len(rows), "micro": all_micro, "kinds": totals, "per_row": per_row,
-        "dense": {"threshold": dense, "records": len(dense_rows),
-                  "gold": (dense_micro["tp"] + dense_micro["fn"]) if dense_micro else 0,
-                  "fp": dense_micro["fp"] if dense_micro else 0, "fn": dense_micro["fn"] if dense_micro else 0,
-                  "f1": dense_micro["f1"] if dense_micro else None,
+        "dense": {"threshold": dense, "records": len(dense_rows), "gold": dense_micro["tp"] + dense_micro["fn"],
+                  "fp": dense_micro["fp"], "fn": dense_micro["fn"], "f1": dense_micro["f1"],
                   "f1_without": micro(other_rows, types)["f1"] if other_rows else None},
     }
 

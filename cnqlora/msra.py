@@ -231,8 +231,8 @@ def join_listed(sentence: TaggedSentence, min_joins: int,
     entities = extract_entities(sentence.chars, sentence.tags)
     ends = {e.end for e in entities}
     starts = {e.start for e in entities if _parse_tag_cached(sentence.tags[e.start])[0] in ("B", "S")}
-    drop = {i for i in ends if i + 1 in starts and i < len(sentence.chars)
-            and sentence.chars[i] in separators and sentence.tags[i] == "O"}
+    # i + 1 is an entity start, so i is inside the sentence
+    drop = {i for i in ends if i + 1 in starts and sentence.chars[i] in separators and sentence.tags[i] == "O"}
     if len(drop) < max(1, min_joins):
         return None
     keep = [i for i in range(len(sentence.chars)) if i not in drop]
@@ -257,10 +257,14 @@ def entity_junctions(text: str, entities: Iterable[str], separators: str = LIST_
     return joined, separated
 
 
-def list_summary(records: Iterable[Mapping[str, str]], at_least: Sequence[int] = (3, 5)) -> str:
+def list_summary(records: Sequence[Mapping[str, str]], at_least: Sequence[int] = (3, 5)) -> str | None:
     """One line: how many records list entities run together, and how many with 、 between them
-    (`entity_junctions` over each record's query and answer entities)."""
-    counts = [entity_junctions(r["query"], [e for e, _ in parse_answer(r["answer"]).entities]) for r in records]
+    (`entity_junctions` over each record's query and answer entities); None when fewer than half
+    of the answers are entity lines, as other instruction data has no entity lists to count."""
+    parsed = [parse_answer(r["answer"]) for r in records]
+    if 2 * sum(p.well_formed for p in parsed) < len(records):
+        return None
+    counts = [entity_junctions(r["query"], [e for e, _ in p.entities]) for r, p in zip(records, parsed)]
     parts = []
     for kind, k in (("with no separator", 0), ("separated by 、", 1)):
         parts.append(f"{kind} " + ", ".join(f"{n}+ times in {sum(c[k] >= n for c in counts):,}" for n in at_least))
