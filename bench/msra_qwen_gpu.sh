@@ -6,7 +6,8 @@
 #   bash bench/msra_qwen_gpu.sh setup            # wheels from .whl/, MSRA from .up/dh_msra.txt,
 #                                                # the GGUF from /tmp/up/q00..q08 once all are there
 #   bash bench/msra_qwen_gpu.sh train RUN [TRAINING OPTIONS...]
-#                                                # configs/msra_qwen0.5b.yaml; resumes RUN's newest
+#                                                # configs/msra_qwen0.5b.yaml on train_joined.txt (later
+#                                                # options win: --train_file $DATA/train.txt); resumes RUN's newest
 #                                                # checkpoint, so a call cut short loses little
 #   DEADLINE=$(( $(date +%s) + 560 )) bash bench/msra_qwen_gpu.sh all RUN [TRAINING OPTIONS...]
 #                                                # train, then test plain and grounded, then fetch,
@@ -60,7 +61,7 @@ train)
   # a finished run is not trained again, so one command line can serve every call of a session
   if [ -f $RUNS/$run/adapter_model/adapter_model.safetensors ]; then echo "$run: already trained"; else
   ${TIMEOUT:+timeout $TIMEOUT} python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
-    --train_file $DATA/train.txt --dev_file $DATA/dev.txt --output_dir $RUNS --run_name "$run" \
+    --train_file $DATA/train_joined.txt --dev_file $DATA/dev.txt --output_dir $RUNS --run_name "$run" \
     --resume_from_checkpoint auto "$@" 2>&1 | quiet | tee -a $RUNS/$run.train.log \
     || echo "training stopped early (exit $?); the next 'train $run' resumes it"
   fi

@@ -53,6 +53,8 @@ class DataArgs:
     max_dev_samples: int | None = opt(1000, "use only N dev records for the eval loss, evenly spread over the file")
     prepare_msra_if_missing: bool = opt(False, "when train_file is missing, build the MSRA files in its folder "
                                         "(python dataset.py --prepare msra)")
+    prepare_msra_join_lists: int = opt(0, "with prepare_msra_if_missing: also build train_joined.txt, as "
+                                       "dataset.py --prepare msra --join_lists N (0: not)")
 
 
 @dataclass
@@ -365,7 +367,12 @@ def _prepare_inputs(model_args: ModelArgs, prompt_args: PromptArgs, data_args: D
         from .msra import prepare_msra
 
         log(f"{data_args.train_file} is missing: preparing the MSRA files in {os.path.dirname(data_args.train_file)}")
-        prepare_msra(out_dir=os.path.dirname(data_args.train_file) or ".")
+        prepare_msra(out_dir=os.path.dirname(data_args.train_file) or ".", join_lists=data_args.prepare_msra_join_lists)
+        if not os.path.exists(data_args.train_file):
+            # prepare_msra writes fixed names; say which option makes the one asked for
+            raise UserError(f"{data_args.train_file}: not among the MSRA files just prepared (train.txt, dev.txt, "
+                            "test.txt, and train_joined.txt when prepare_msra_join_lists is above 0); set "
+                            "train_file to one of them")
     train_records = load_records(data_args.train_file, prompt_args.columns, data_args.skip_bad_lines)
     dev_records = []
     if data_args.dev_file:

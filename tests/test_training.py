@@ -10,6 +10,7 @@ import torch
 import baichuan_qlora
 from cnqlora.cli import run_command
 from cnqlora.config import parse_options
+from cnqlora.errors import UserError
 from cnqlora.training import TRAIN_SECTIONS, list_checkpoints, train
 
 
@@ -229,7 +230,6 @@ def test_a_non_finite_step_is_skipped_not_spread(tiny_ner_model_dir, ner_data_di
 
 def test_training_stops_when_non_finite_steps_are_not_rare(tiny_ner_model_dir, ner_data_dir, tmp_path, monkeypatch):
     import cnqlora.training as training
-    from cnqlora.errors import UserError
 
     real_loss_sum = training.loss_sum
     monkeypatch.setattr(training, "loss_sum", lambda model, batch: real_loss_sum(model, batch) * float("inf"))
@@ -257,3 +257,40 @@ def test_dev_records_are_spread_over_the_dev_file(tiny_ner_model_dir, ner_data_d
     with open(f"{ner_data_dir}/dev.txt", encoding="utf-8") as f:
         assert sum(1 for _ in f) == 30
     assert [r["line"] for r in dev] == list(range(1, 31, 3))
+
+
+def test_missing_msra_train_joined_is_prepared_with_the_join_option(tiny_ner_model_dir, tmp_path, monkeypatch):
+    """configs/msra_qwen0.5b.yaml trains on train_joined.txt; on a fresh folder the auto-prepare
+    must build it (the list copies included), and say what to set when it cannot."""
+    import cnqlora.msra as msra
+    from cnqlora.tiny import write_bio
+    from cnqlora.training import DataArgs, _prepare_inputs
+
+    listed = [("王", "B-PER"), ("五", "I-PER"), ("、", "O"), ("赵", "B-PER"), ("六", "I-PER"), ("、", "O"),
+              ("孙", "B-PER"), ("七", "I-PER")]
+    corpus = write_bio(str(tmp_path / "corpus.txt"), [listed, [("今", "O"), ("天", "O")], listed, [("京", "B-LOC")]])
+    monkeypatch.setattr(msra, "fetch_msra", lambda cache_dir: corpus)
+    monkeypatch.setattr(msra, "MSRA_SENTENCES", 4)
+    monkeypatch.setattr(msra, "MSRA_TRAIN_SENTENCES", 3)
+    monkeypatch.setattr(msra, "prepare_msra", functools.partial(msra.prepare_msra, dev_size=1))
+    model_args, prompt_args, _, _, train_args = options(tiny_ner_model_dir, str(tmp_path), tmp_path)
+
+    def prepare(folder, join_lists):
+        data_args = DataArgs(train_file=str(tmp_path / folder / "train_joined.txt"), dev_file=None,
+                             prepare_msra_if_missing=True, prepare_msra_join_lists=join_lists)
+        return _prepare_inputs(model_args, prompt_args, data_args, train_args, log=lambda _: None)
+
+    with pytest.raises(UserError, match="train_joined.txt: not among the MSRA files just prepared.*"
+                                        "prepare_msra_join_lists"):
+        prepare("plain", 0)
+    assert sorted(os.listdir(tmp_path / "plain")) == ["dev.txt", "meta.json", "test.txt", "train.txt"]
+    train, _, _ = prepare("joined", 2)
+    # the two training sentences, then the list copied without its 、
+    assert [r["query"] for r in train] == ["文本：王五、赵六、孙七", "文本：今天", "文本：王五赵六孙七"]
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "msra_qwen0.5b.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    assert os.path.basename(config["train_file"]) == "train_joined.txt" and config["prepare_msra_join_lists"] > 0
