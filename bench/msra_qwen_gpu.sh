@@ -10,9 +10,14 @@
 #                                                # options win: --train_file $DATA/train.txt); resumes RUN's newest
 #                                                # checkpoint, so a call cut short loses little
 #   DEADLINE=$(( $(date +%s) + 560 )) bash bench/msra_qwen_gpu.sh all RUN [TRAINING OPTIONS...]
-#                                                # train, then test plain and grounded, then fetch,
-#                                                # each stage stopped at DEADLINE; run it again in
-#                                                # the next call to go on where it stopped
+#                                                # train, then test plain and grounded, each stage
+#                                                # stopped at DEADLINE; run it again in the next
+#                                                # call to go on where it stopped
+#   DEADLINE=... bash bench/msra_qwen_gpu.sh sweep "RUN1 [OPTIONS...]" "RUN2 [OPTIONS...]" ...
+#                                                # `all` for every run at once, spread over the GPUs,
+#                                                # the CPU cores shared out; logs in $OUT/RUN.log
+#   bash bench/msra_qwen_gpu.sh pack             # everything in $OUT but adapter pieces into
+#                                                # $OUT/results.tgz (the tool returns 8 files at most)
 #   bash bench/msra_qwen_gpu.sh fetch RUN          # RUN's best_adapter into $OUT/RUN in 15 MiB pieces
 #                                                # (the device tool returns files of 16 MiB at most);
 #                                                # here: cat adapter.tar.* | tar -x
@@ -35,7 +40,7 @@ GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 quiet() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^ *$' || true; }
 
-stage=${1:?stage: setup, train, test, fetch or all}; shift
+stage=${1:?stage: setup, train, test, fetch, all, sweep or pack}; shift
 mkdir -p "$OUT" $RUNS
 
 case $stage in
@@ -95,7 +100,29 @@ all)
     [ "$(left)" -gt 40 ] || exit 0
     TIMEOUT=$(left) bash "$0" test "$run" $mode
   done
-  if [ -f $RUNS/$run/test.grounded.metrics.json ]; then bash "$0" fetch "$run"; fi
+  ;;
+sweep)
+  [ $# -gt 0 ] || { echo "sweep: give one quoted \"RUN [OPTIONS...]\" per run" >&2; exit 2; }
+  gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); [ "$gpus" -gt 0 ] || gpus=1
+  # Each process would start a thread per core; several trainings at once then fight over the
+  # host CPU (the fourth session's runs trained 20% slower side by side).
+  threads=$(( $(nproc) / $# )); [ $threads -gt 0 ] || threads=1
+  i=0
+  for spec in "$@"; do
+    read -r run opts <<< "$spec"
+    # $opts unquoted on purpose: it is the run's options, split into words
+    CUDA_VISIBLE_DEVICES=$(( i % gpus )) OMP_NUM_THREADS=$threads bash "$0" all "$run" $opts > "$OUT/$run.log" 2>&1 &
+    i=$(( i + 1 ))
+  done
+  wait
+  for spec in "$@"; do read -r run _ <<< "$spec"; echo "== $run"; tail -n 3 "$OUT/$run.log"; done
+  ;;
+pack)
+  cd "$OUT"
+  tar -czf /tmp/results.tgz --exclude='adapter.tar.*' .
+  find . -type f ! -name 'adapter.tar.*' -delete
+  mv /tmp/results.tgz results.tgz
+  ls -l . */ 2>/dev/null | grep -v '^total'
   ;;
 fetch)
   run=${1:?run name}
@@ -104,6 +131,6 @@ fetch)
   ls -l "$OUT/$run"
   ;;
 *)
-  echo "unknown stage $stage: setup, train, test, fetch or all" >&2; exit 2
+  echo "unknown stage $stage: setup, train, test, fetch, all, sweep or pack" >&2; exit 2
   ;;
 esac
