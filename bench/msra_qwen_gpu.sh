@@ -52,6 +52,8 @@ setup)
   if [ -f .up/dh_msra.txt ] && [ ! -f $DATA/test.txt ]; then
     # train_joined.txt: train.txt plus copies of its 、-separated entity lists without the 、
     python3 dataset.py --prepare msra --source .up/dh_msra.txt --out $DATA --join_lists 3
+    # the same from lists of two or more (906 copies instead of 476), for a run to compare
+    python3 dataset.py --prepare msra --source .up/dh_msra.txt --out $DATA/join2 --join_lists 2
   fi
   if [ ! -f $MODEL/config.json ] && [ "$(ls /tmp/up/q0? 2>/dev/null | wc -l)" = 9 ]; then
     cat /tmp/up/q0? > /tmp/model.gguf
