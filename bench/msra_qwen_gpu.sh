@@ -106,8 +106,9 @@ all)
 sweep)
   [ $# -gt 0 ] || { echo "sweep: give one quoted \"RUN [OPTIONS...]\" per run" >&2; exit 2; }
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); [ "$gpus" -gt 0 ] || gpus=1
-  # Each process would start a thread per core; several trainings at once then fight over the
-  # host CPU (the fourth session's runs trained 20% slower side by side).
+  # Each process would start a thread per core, so several at once oversubscribe the host's
+  # CPU; in the fourth session E3, alone on its GPU beside two runs on the other, trained 20%
+  # slower than A-D.
   threads=$(( $(nproc) / $# )); [ $threads -gt 0 ] || threads=1
   i=0
   for spec in "$@"; do
@@ -121,7 +122,7 @@ sweep)
   ;;
 pack)
   cd "$OUT"
-  tar -czf /tmp/results.tgz --exclude='adapter.tar.*' .
+  tar -czf /tmp/results.tgz --exclude='adapter.tar.*' --exclude=results.tgz .
   find . -type f ! -name 'adapter.tar.*' -delete
   mv /tmp/results.tgz results.tgz
   ls -l . */ 2>/dev/null | grep -v '^total'

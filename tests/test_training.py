@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import yaml
 
 import baichuan_qlora
 from cnqlora.cli import run_command
@@ -260,8 +261,8 @@ def test_dev_records_are_spread_over_the_dev_file(tiny_ner_model_dir, ner_data_d
 
 
 def test_missing_msra_train_joined_is_prepared_with_the_join_option(tiny_ner_model_dir, tmp_path, monkeypatch):
-    """configs/msra_qwen0.5b.yaml trains on train_joined.txt; on a fresh folder the auto-prepare
-    must build it (the list copies included), and say what to set when it cannot."""
+    """On a fresh folder the auto-prepare builds train_joined.txt (the list copies included) when
+    asked to, and says what to set when it was not."""
     import cnqlora.msra as msra
     from cnqlora.tiny import write_bio
     from cnqlora.training import DataArgs, _prepare_inputs
@@ -288,9 +289,10 @@ def test_missing_msra_train_joined_is_prepared_with_the_join_option(tiny_ner_mod
     # the two training sentences, then the list copied without its 、
     assert [r["query"] for r in train] == ["文本：王五、赵六、孙七", "文本：今天", "文本：王五赵六孙七"]
 
-    import yaml
 
+def test_the_msra_config_builds_the_file_it_trains_on():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "configs", "msra_qwen0.5b.yaml"), encoding="utf-8") as f:
         config = yaml.safe_load(f)
-    assert os.path.basename(config["train_file"]) == "train_joined.txt" and config["prepare_msra_join_lists"] > 0
+    assert os.path.basename(config["train_file"]) == "train_joined.txt"
+    assert config["prepare_msra_if_missing"] and config["prepare_msra_join_lists"] > 0
