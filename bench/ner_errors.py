@@ -4,7 +4,7 @@
     python bench/ner_errors.py PRED.jsonl --types 人名,地名,机构名 --dense 10 --examples 3
 
 Reads predict.py's JSON Lines output (`input`, `output`, `reference`) and prints:
-- the micro P/R/F1 that predict.py prints (cnqlora.metrics.ner_metrics; without --types, over
+- the micro P/R/F1 that predict.py prints (cnqlora.evaluation.score_answers; without --types, over
   the entity types the references use, as predict.py scores);
 - every false or missed (entity, type) pair by kind (cnqlora.metrics.error_kinds);
 - the sentences with at least --dense reference entities (in MSRA mostly lists of names with
@@ -24,8 +24,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cnqlora.data import load_records  # noqa: E402
+from cnqlora.evaluation import score_answers  # noqa: E402
 from cnqlora.grounded import allowed_types_from_answers  # noqa: E402
-from cnqlora.metrics import ERROR_KINDS, answer_entities, error_kinds, ner_metrics, parse_answer  # noqa: E402
+from cnqlora.metrics import ERROR_KINDS, answer_entities, error_kinds, parse_answer  # noqa: E402
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -42,8 +43,8 @@ def read_predictions(path: str) -> list[dict]:
 
 
 def micro(rows: list[dict], types: list[str] | None) -> dict:
-    return ner_metrics([r["output"] for r in rows], [r["reference"] for r in rows],
-                       [r.get("input", "") for r in rows], types)["micro"]
+    return score_answers([r["output"] for r in rows], [r["reference"] for r in rows],
+                         [(r.get("instruct", ""), r.get("input", "")) for r in rows], types)["micro"]
 
 
 def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
