@@ -64,6 +64,8 @@ def analyse(rows: list[dict], types: list[str] | None, dense: int) -> dict:
         "records": len(rows), "micro": all_micro, "kinds": totals, "per_row": per_row,
         "dense": {"threshold": dense, "records": len(dense_rows), "gold": dense_micro["tp"] + dense_micro["fn"],
                   "fp": dense_micro["fp"], "fn": dense_micro["fn"], "f1": dense_micro["f1"],
+                  # a list the model gave up on: `没有` (or nothing parseable) for 10+ entities
+                  "empty": sum(not parse_answer(r["output"], types).entities for r in dense_rows),
                   "f1_without": micro(other_rows, types)["f1"] if other_rows else None},
     }
 
@@ -96,7 +98,7 @@ def report(result: dict, rows: list[dict], examples: int) -> str:
     lines.append("")
     lines.append(f"{d['records']} records with >= {d['threshold']} reference entities hold {d['gold']} of "
                  f"{m['tp'] + m['fn']}; they have {d['fn']} of the {m['fn']} misses and {d['fp']} of the "
-                 f"{m['fp']} false entities"
+                 f"{m['fp']} false entities; {d['empty']} answered with no entity"
                  + (f"; their F1 {100 * d['f1']:.2f}" if d["f1"] is not None else "")
                  + (f"; F1 of the other records {100 * d['f1_without']:.2f}" if d["f1_without"] is not None else ""))
     if "seen" in result:

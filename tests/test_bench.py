@@ -187,7 +187,8 @@ def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
     assert "| spurious: no reference entity shares a string with it | 1 |" in out
     assert "| missed 人名 | 2 |" in out
     assert ("1 records with >= 10 reference entities hold 10 of 12; they have 2 of the 3 misses and 0 of the 2 "
-            "false entities; their F1 88.89; F1 of the other records 40.00") in out  # 16/18; 2*1 / (2*1 + 2 + 1)
+            "false entities; 0 answered with no entity; their F1 88.89; F1 of the other records 40.00"
+            ) in out  # 16/18; 2*1 / (2*1 + 2 + 1)
     assert "output:    '今天_地名'" in out
 
     train = tmp_path / "train.txt"
@@ -197,6 +198,13 @@ def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
     # seen: 上海 (found), 人0 (found), 人9 (missed); unseen: 罗冰生 and 人1..人8, of which 人1..人7 are found
     assert ("3 of 12 reference entities (25.0%) occur in the training answers: recall 66.67 on those, "
             "77.78 on the 9 unseen ones") in capsys.readouterr().out
+
+    # a list given up on: 没有 for its ten names
+    gave_up = rows[:2] + [dict(rows[2], output="没有")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gave_up), encoding="utf-8")
+    assert ner_errors.main([str(path), "--types", "人名,地名,机构名", "--dense", "10"]) == 0
+    assert "they have 10 of the 11 misses and 0 of the 2 false entities; 1 answered with no entity;" in (
+        capsys.readouterr().out)
 
 
 def test_ner_errors_refuses_a_file_without_references(tmp_path):
