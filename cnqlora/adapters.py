@@ -47,6 +47,8 @@ __all__ = [
     "read_adapter",
     "save_baichuan_fast_tokenizer",
     "train_config_columns",
+    "trained_eos_token",
+    "use_trained_eos",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -681,11 +683,58 @@ def _base_with_adapter(base_path: str, adapter: str | AdapterFiles, prompts: lis
     model = load_model(ModelArgs(model_name_or_path=base_path, quantization="none", compute_dtype=dtype,
                                  device=device, trust_remote_code=trust_remote_code), device)
     peft_model = attach_adapter(model, adapter, log=log)
+    # before the reference outputs, and saved with the merge: the merged folder must stop where the adapter does
+    use_trained_eos(tokenizer, peft_model, adapter.path if isinstance(adapter, AdapterFiles) else adapter, log)
     log(f"loaded {base_path} ({dtype}) and the adapter in {time.time() - started:.1f}s")
     if prompts is None:
         path = adapter.path if isinstance(adapter, AdapterFiles) else adapter
         prompts = default_check_prompts(path, tokenizer, model_type)
     return tokenizer, peft_model, _reference_outputs(peft_model, tokenizer, prompts, max_new_tokens)
+
+
+def trained_eos_token(adapter_path: str) -> str | None:
+    """The EOS token that training appended to every answer: the eos_token of the
+    tokenizer_config.json that training saves beside the adapter. None when there is none to read."""
+    try:
+        with open(os.path.join(adapter_path, "tokenizer_config.json"), encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):  # AddedToken, as older transformers wrote it
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
+
+
+def use_trained_eos(tokenizer, model, adapter_path: str, log: Callable[[str], None] = print) -> None:
+    """Make `tokenizer` end answers with the EOS the adapter was trained to write, and keep the
+    base's own EOS as a stop token on `model.generation_config` as well.
+
+    Two conversions of one base can name different EOS tokens: Qwen2.5's GGUF read by
+    transformers 5.17 says <|endoftext|>, by 5.24 <|im_end|>. An adapter served with the other
+    one never stops: it writes its own EOS, which generate() does not stop at and decoding skips
+    as a special token, then starts its answer again until max_new_tokens (48 of the first 60
+    MSRA test answers unparseable, against none with its own EOS).
+    """
+    eos = trained_eos_token(adapter_path)
+    if eos is None or eos == tokenizer.eos_token:
+        return
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    if eos_id is None or (eos_id == tokenizer.unk_token_id and eos != tokenizer.unk_token):
+        log(f"warning: {adapter_path} was trained to end answers with {eos!r}, which the base tokenizer does not "
+            f"know; answers may run on to max_new_tokens. Load the base with the tokenizer the adapter was trained with "
+            "(predict.py --tokenizer_path).")
+        return
+    base_eos, base_eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    tokenizer.eos_token = eos
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        current = generation_config.eos_token_id
+        ids = list(current) if isinstance(current, (list, tuple)) else [] if current is None else [current]
+        if base_eos_id is not None:
+            ids.append(base_eos_id)
+        generation_config.eos_token_id = list(dict.fromkeys([eos_id, *ids]))
+    log(f"note: the adapter was trained to end answers with {eos!r} (id {eos_id}), the base tokenizer with "
+        f"{base_eos!r}; answers end at either")
 
 
 def adapter_train_config(adapter_path: str) -> dict[str, Any]:

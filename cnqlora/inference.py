@@ -96,10 +96,11 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
     model = load_model(model_args, device)
     model.config.use_cache = True
     if adapter is not None:
-        from .adapters import attach_adapter
+        from .adapters import attach_adapter, use_trained_eos
 
         # log: notes about old adapter formats (dropped config keys) reach the user
         model = attach_adapter(model, adapter, log=print)
+        use_trained_eos(tokenizer, model, lora_model, log=print)
     model.eval()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     description = (f"model {model_args.model_name_or_path} ({config.get('model_type')}, {model_args.quantization}, "

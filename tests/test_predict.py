@@ -261,3 +261,67 @@ def test_merge_from_the_command_line(tiny_ner_model_dir, adapter_dir, tmp_path, 
     (other / "keep.txt").write_text("x")
     assert run_command(predict.main, argv[:5] + [str(other), "--only_cpu"]) == 2
     assert "keep.txt" in str(os.listdir(other)) and "error:" in capsys.readouterr().err
+
+
+def _adapter_trained_with_eos(adapter_dir, tmp_path, eos):
+    """A copy of the adapter whose saved tokenizer names another EOS, as when the base folder was
+    converted again by a newer transformers (Qwen2.5 GGUF: <|endoftext|> against <|im_end|>)."""
+    import shutil
+
+    copy = tmp_path / "adapter_other_eos"
+    shutil.copytree(adapter_dir, copy)
+    config_file = copy / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["eos_token"] = eos
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    return str(copy)
+
+
+def test_answers_stop_at_the_eos_the_adapter_was_trained_with(tiny_ner_model_dir, adapter_dir, ner_data_dir,
+                                                               tmp_path, capsys):
+    from cnqlora.generation import stop_token_ids
+
+    adapter = _adapter_trained_with_eos(adapter_dir, tmp_path, "<s>")
+    loaded = load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(), adapter)
+    trained, base = loaded.tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    assert "trained to end answers with '<s>'" in capsys.readouterr().out
+    assert loaded.tokenizer.eos_token_id == trained
+    assert {trained, base} <= set(stop_token_ids(loaded.tokenizer, loaded.model))
+    # a model that writes the trained EOS first: its answers must end there, not run on to max_new_tokens
+    records = sentences(ner_data_dir, 2)
+    prompts = [prompt_ids(loaded.tokenizer, loaded.template, Item(r["instruct"], r["query"], None), True)
+               for r in records]
+
+    def trained_eos_first(input_ids, scores):
+        scores[:, trained] = scores.max() + 1
+        return scores
+
+    rows = generate_ids(loaded.model, loaded.tokenizer, prompts, GenerationArgs(max_new_tokens=8),
+                        lambda ids, n: trained_eos_first)
+    assert rows == [[], []]
+
+
+def test_an_adapter_with_the_bases_eos_changes_nothing(loaded, capsys):
+    assert loaded.tokenizer.eos_token == "</s>"
+    assert loaded.model.generation_config.eos_token_id in (2, [2])
+
+
+def test_an_eos_the_base_does_not_know_is_a_warning(tiny_ner_model_dir, adapter_dir, tmp_path, capsys):
+    adapter = _adapter_trained_with_eos(adapter_dir, tmp_path, "<|im_end|>")
+    loaded = load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(), adapter)
+    assert "does not know" in capsys.readouterr().out
+    assert loaded.tokenizer.eos_token == "</s>"
+
+
+def test_a_merge_stops_where_its_adapter_does(tiny_ner_model_dir, adapter_dir, tmp_path):
+    adapter = _adapter_trained_with_eos(adapter_dir, tmp_path, "<s>")
+    out = tmp_path / "merged"
+    argv = ["--base_model", tiny_ner_model_dir, "--lora_model", adapter, "--merge_to", str(out),
+            "--merge_dtype", "float32", "--only_cpu"]
+    assert run_command(predict.main, argv) == 0
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    trained, base = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    assert tokenizer.eos_token == "<s>"
+    assert {trained, base} <= set(GenerationConfig.from_pretrained(out).eos_token_id)
