@@ -107,8 +107,8 @@ sweep)
   [ $# -gt 0 ] || { echo "sweep: give one quoted \"RUN [OPTIONS...]\" per run" >&2; exit 2; }
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); [ "$gpus" -gt 0 ] || gpus=1
   # Each process would start a thread per core, so several at once oversubscribe the host's
-  # CPU; in the fourth session E3, alone on its GPU beside two runs on the other, trained 20%
-  # slower than A-D.
+  # CPU: three runs with the default trained at 185-198 samples/s each, four with 8 threads
+  # each (two per GPU) at 365-369 (bench/NOTES.md, fourth and fifth sessions).
   threads=$(( $(nproc) / $# )); [ $threads -gt 0 ] || threads=1
   i=0
   for spec in "$@"; do
