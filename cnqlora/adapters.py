@@ -721,7 +721,7 @@ def use_trained_eos(tokenizer, model, adapter_path: str, log: Callable[[str], No
     eos_id = tokenizer.convert_tokens_to_ids(eos)
     if eos_id is None or (eos_id == tokenizer.unk_token_id and eos != tokenizer.unk_token):
         log(f"warning: {adapter_path} was trained to end answers with {eos!r}, which the base tokenizer does not "
-            f"know; answers may run on to max_new_tokens. Load the base with the tokenizer the adapter was trained with "
+            "know; answers may run on to max_new_tokens. Load the base with the tokenizer the adapter was trained with "
             "(predict.py --tokenizer_path).")
         return
     base_eos, base_eos_id = tokenizer.eos_token, tokenizer.eos_token_id

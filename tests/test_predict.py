@@ -301,7 +301,7 @@ def test_answers_stop_at_the_eos_the_adapter_was_trained_with(tiny_ner_model_dir
     assert rows == [[], []]
 
 
-def test_an_adapter_with_the_bases_eos_changes_nothing(loaded, capsys):
+def test_an_adapter_with_the_bases_eos_changes_nothing(loaded):
     assert loaded.tokenizer.eos_token == "</s>"
     assert loaded.model.generation_config.eos_token_id in (2, [2])
 
