@@ -677,6 +677,7 @@ def _base_with_adapter(base_path: str, adapter: str | AdapterFiles, prompts: lis
     from .models import ModelArgs, load_model, load_tokenizer
 
     started = time.time()
+    adapter_path = adapter.path if isinstance(adapter, AdapterFiles) else adapter
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     # 16-bit, never quantised: merging into a dequantised 4-bit copy would bake the quantisation
     # error into every weight of the published model.
@@ -684,11 +685,10 @@ def _base_with_adapter(base_path: str, adapter: str | AdapterFiles, prompts: lis
                                  device=device, trust_remote_code=trust_remote_code), device)
     peft_model = attach_adapter(model, adapter, log=log)
     # before the reference outputs, and saved with the merge: the merged folder must stop where the adapter does
-    use_trained_eos(tokenizer, peft_model, adapter.path if isinstance(adapter, AdapterFiles) else adapter, log)
+    use_trained_eos(tokenizer, peft_model, adapter_path, log)
     log(f"loaded {base_path} ({dtype}) and the adapter in {time.time() - started:.1f}s")
     if prompts is None:
-        path = adapter.path if isinstance(adapter, AdapterFiles) else adapter
-        prompts = default_check_prompts(path, tokenizer, model_type)
+        prompts = default_check_prompts(adapter_path, tokenizer, model_type)
     return tokenizer, peft_model, _reference_outputs(peft_model, tokenizer, prompts, max_new_tokens)
 
 
