@@ -11,7 +11,9 @@ Reads predict.py's JSON Lines output (`input`, `output`, `reference`) and prints
   no separators): their share of the errors and the F1 of the rest;
 - with --train FILE (the training data, read as training reads it), the share of reference
   entities that occur in the training answers and the recall of seen and unseen ones;
-- with --examples K, the first K records showing each kind.
+- with --examples K, the first K records showing each kind;
+- with --same_as OTHER.jsonl (predictions of the same inputs, e.g. from another machine or a
+  merged model), how many outputs are identical to OTHER's.
 """
 
 from __future__ import annotations
@@ -84,6 +86,17 @@ def seen_in_training(rows: list[dict], types: list[str] | None, train_file: str)
     return {k: {"reference": n, "found": hit, "recall": hit / n if n else 0.0} for k, (n, hit) in counts.items()}
 
 
+def identical_outputs(rows: list[dict], other_path: str) -> str:
+    """How many outputs equal those of another predictions file of the same inputs, in the same order."""
+    other = read_predictions(other_path)
+    inputs = [r.get("input") for r in rows]
+    if [r.get("input") for r in other[:len(rows)]] != inputs:
+        raise SystemExit(f"{other_path}: not predictions of the same inputs in the same order; compare files of one "
+                         "data file (cut the longer one to the length of the shorter)")
+    same = sum(a["output"] == b["output"] for a, b in zip(rows, other))
+    return f"{same} of {len(rows)} outputs identical to {other_path}'s"
+
+
 def report(result: dict, rows: list[dict], examples: int) -> str:
     m = result["micro"]
     lines = [f"{result['records']} records: P {100 * m['precision']:.2f} R {100 * m['recall']:.2f} "
@@ -125,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dense", type=int, default=10, help="reference entities that make a record dense")
     parser.add_argument("--examples", type=int, default=0, help="records to show per error kind")
     parser.add_argument("--train", default=None, help="training file: recall of entities seen / unseen in training")
+    parser.add_argument("--same_as", default=None,
+                        help="another predictions file of the same inputs (its first records as many as these): "
+                        "count the identical outputs")
     args = parser.parse_args(argv)
     rows = read_predictions(args.predictions)
     # predict.py's score_predictions takes the types from the references when none are given.
@@ -134,6 +150,8 @@ def main(argv=None) -> int:
     if args.train:
         result["seen"] = seen_in_training(rows, types, args.train)
     print(report(result, rows, args.examples))
+    if args.same_as:
+        print(identical_outputs(rows, args.same_as))
     return 0
 
 

@@ -207,6 +207,21 @@ def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_ner_errors_counts_outputs_identical_to_another_run(tmp_path, capsys):
+    ner_errors = load("ner_errors")
+    rows = [{"input": f"文本：句{i}", "output": "没有", "reference": "没有"} for i in range(3)]
+    ours, theirs, longer = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    ours.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:2]), encoding="utf-8")
+    other = [dict(rows[0], output="句0_地名"), rows[1], rows[2]]
+    theirs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in other), encoding="utf-8")
+    assert ner_errors.main([str(ours), "--same_as", str(theirs)]) == 0
+    assert f"1 of 2 outputs identical to {theirs}'s" in capsys.readouterr().out
+    # other inputs, or another order, are refused
+    longer.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[1:]), encoding="utf-8")
+    with pytest.raises(SystemExit, match="not predictions of the same inputs"):
+        ner_errors.main([str(ours), "--same_as", str(longer)])
+
+
 def test_ner_errors_refuses_a_file_without_references(tmp_path):
     ner_errors = load("ner_errors")
     path = tmp_path / "pred.jsonl"
