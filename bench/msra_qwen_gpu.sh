@@ -108,7 +108,8 @@ sweep)
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l); [ "$gpus" -gt 0 ] || gpus=1
   # Each process would start a thread per core, so several at once oversubscribe the host's
   # CPU: three runs with the default trained at 185-198 samples/s each, four with 8 threads
-  # each (two per GPU) at 365-369 (bench/NOTES.md, fourth and fifth sessions).
+  # each (two per GPU) at 365-369, six with 5 threads (three per GPU) at 222-230, the GPUs then
+  # the limit (bench/NOTES.md, fourth to sixth sessions).
   threads=$(( $(nproc) / $# )); [ $threads -gt 0 ] || threads=1
   i=0
   for spec in "$@"; do

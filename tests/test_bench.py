@@ -228,3 +228,35 @@ def test_ner_errors_refuses_a_file_without_references(tmp_path):
     path.write_text(json.dumps({"input": "x", "output": "没有", "reference": None}) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"pred.jsonl:1: no reference"):
         ner_errors.main([str(path)])
+
+
+def test_seed_summary_gives_each_run_and_the_mean_and_spread(tmp_path, capsys):
+    seed_summary = load("seed_summary")
+
+    def run(name, dev, plain, grounded=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [{"step": 0, "eval_loss": 3.0}] + [{"step": s, "dev_f1": f} for s, f in dev]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (folder / "test.plain.metrics.json").write_text(json.dumps({"micro": plain}))
+        if grounded is not None:
+            (folder / "test.grounded.metrics.json").write_text(json.dumps({"micro": {"f1": grounded}}))
+        return str(folder)
+
+    a = run("a", [(300, 0.80), (600, 0.88), (900, 0.86)], {"precision": 0.93, "recall": 0.91, "f1": 0.92}, 0.925)
+    b = run("b", [(300, 0.90)], {"precision": 0.91, "recall": 0.89, "f1": 0.90})
+    report = tmp_path / "summary.json"
+    assert seed_summary.main([a, b, "--json", str(report)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["a"] == ["a", "88.00 (600)", "93.00", "91.00", "92.00", "92.50"]  # the best dev, not the last
+    assert rows["b"][-1] == ""
+    assert rows["runs"] == ["runs", "2", "2", "2", "2", "1"]
+    assert rows["mean"] == ["mean", "89.00", "92.00", "90.00", "91.00", "92.50"]  # b has no grounded test
+    assert rows["sd"] == ["sd", "1.41", "1.41", "1.41", "1.41", ""]  # sample sd of 88 and 90; none of one run
+    assert json.loads(report.read_text())["summary"]["plain_f1"]["n"] == 2
+
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 12')  # a log cut off mid-write
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:3: not JSON"):
+        seed_summary.main([b])
+    assert seed_summary.main([str(tmp_path / "nothing")]) == 2
