@@ -1,4 +1,4 @@
-"""Use a trained adapter: chat with it, run it over a file (with metrics), or merge it.
+"""Use a trained adapter: chat with it, run it over a file (with metrics), average several, or merge it.
 
     # the seed's command: interactive, single turn, answers streamed
     python predict.py --model_name baichuan --base_model ./model_hub/baichuan-7B \\
@@ -10,6 +10,9 @@
     # a file: batched greedy decoding, predictions as JSON Lines, P/R/F1 when it has answers
     python predict.py --config configs/msra_baichuan7b.yaml --lora_model checkpoint/baichuan/adapter_model \\
         --data_file data/msra/test.txt --predictions_file checkpoint/baichuan/test.predictions.jsonl
+    # the mean of several adapters (e.g. seeds of one recipe) as one adapter: predict or merge it like any other
+    python predict.py --average_adapters runs/s42/best_adapter,runs/s43/best_adapter,runs/s44/best_adapter \\
+        --average_to checkpoint/soup
     # merge the adapter into the 16-bit base: a plain Hugging Face folder
     python predict.py --base_model model_hub/baichuan-7B --lora_model checkpoint/baichuan/adapter_model \\
         --merge_to model_hub/baichuan-7B-msra
@@ -37,6 +40,11 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
     if args.only_cpu:
         model_args.device = "cpu"
+    if args.average_to:
+        from cnqlora.adapters import average_adapters
+
+        average_adapters(args.average_adapters, args.average_to)
+        return 0
     if args.merge_to:
         return merge(model_args, args)
     if not args.interactive and not args.data_file:

@@ -21,10 +21,17 @@
 #   bash bench/msra_qwen_gpu.sh fetch RUN          # RUN's best_adapter into $OUT/RUN in 15 MiB pieces
 #                                                # (the device tool returns files of 16 MiB at most);
 #                                                # here: cat adapter.tar.* | tar -x
-#   bash bench/msra_qwen_gpu.sh test RUN plain|grounded [PREDICT OPTIONS...]
+#   bash bench/msra_qwen_gpu.sh test RUN plain|grounded|dev [PREDICT OPTIONS...]
 #                                                # the official test split with RUN's best_adapter
 #                                                # (best dev F1); resumes a torn predictions file;
-#                                                # RUN=zeroshot: the base model without an adapter
+#                                                # RUN=zeroshot: the base model without an adapter;
+#                                                # dev: plain decoding of all 2,000 dev sentences
+#                                                # (dev.plain.* beside test.plain.*)
+#   bash bench/msra_qwen_gpu.sh soup NAME RUN1 RUN2 ...
+#                                                # the mean of the runs' best adapters, as NAME's
+#                                                # best_adapter (predict.py --average_adapters);
+#                                                # then `test NAME plain` etc.
+#   MODES="plain dev" ... all|sweep ...          # which tests `all` runs (default: plain grounded)
 #
 # The GGUF pieces come from `shared/tools/qwen05b chunks DIR` (see bench/NOTES.md for how they
 # are moved). Results go to $OUT/RUN/ (metrics, predictions, logs).
@@ -40,7 +47,7 @@ GGUF_SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 quiet() { stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^ *$' || true; }
 
-stage=${1:?stage: setup, train, test, fetch, all, sweep or pack}; shift
+stage=${1:?stage: setup, train, test, soup, fetch, all, sweep or pack}; shift
 mkdir -p "$OUT" $RUNS
 
 case $stage in
@@ -77,27 +84,28 @@ train)
   cp $RUNS/$run/best_adapter/dev_metrics.json "$OUT/$run/" 2>/dev/null || true
   ;;
 test)
-  run=${1:?run name}; mode=${2:?plain or grounded}; shift 2
+  run=${1:?run name}; mode=${2:?plain, grounded or dev}; shift 2
   flag=""; [ "$mode" = grounded ] && flag=--grounded
+  split=test; out=test.$mode; [ "$mode" = dev ] && split=dev && out=dev.plain
   adapter=(--lora_model $RUNS/$run/best_adapter); [ "$run" = zeroshot ] && adapter=()
   mkdir -p "$OUT/$run"
-  if [ -f $RUNS/$run/test.$mode.metrics.json ]; then echo "$run $mode: already scored"; else
+  if [ -f $RUNS/$run/$out.metrics.json ]; then echo "$run $mode: already scored"; else
   # the longest official test answer is 231 Qwen tokens with EOS (dataset.py --check ... --template chat)
   ${TIMEOUT:+timeout $TIMEOUT} python3 predict.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
-    "${adapter[@]}" --data_file $DATA/test.txt --types 人名,地名,机构名 $flag \
-    --predictions_file $RUNS/$run/test.$mode.jsonl --metrics_file $RUNS/$run/test.$mode.metrics.json \
-    --resume --batch_size 128 --max_new_tokens 256 "$@" 2>&1 | quiet | tee -a $RUNS/$run.test.$mode.log \
+    "${adapter[@]}" --data_file $DATA/$split.txt --types 人名,地名,机构名 $flag \
+    --predictions_file $RUNS/$run/$out.jsonl --metrics_file $RUNS/$run/$out.metrics.json \
+    --resume --batch_size 128 --max_new_tokens 256 "$@" 2>&1 | quiet | tee -a $RUNS/$run.$out.log \
     || echo "prediction stopped early (exit $?); the next 'test $run $mode' resumes it"
   fi
-  cp $RUNS/$run/test.$mode.jsonl $RUNS/$run.test.$mode.log "$OUT/$run/"
-  cp $RUNS/$run/test.$mode.metrics.json "$OUT/$run/" 2>/dev/null || true
+  cp $RUNS/$run/$out.jsonl $RUNS/$run.$out.log "$OUT/$run/"
+  cp $RUNS/$run/$out.metrics.json "$OUT/$run/" 2>/dev/null || true
   ;;
 all)
   run=${1:?run name}; shift
   left() { local t=$(( ${DEADLINE:?set DEADLINE to the epoch second the call must end by} - $(date +%s) )); echo $(( t > 1 ? t : 1 )); }
   TIMEOUT=$(left) bash "$0" train "$run" "$@"
   [ -f $RUNS/$run/adapter_model/adapter_model.safetensors ] || exit 0
-  for mode in plain grounded; do
+  for mode in ${MODES:-plain grounded}; do
     # a test needs about 20 s to load before it predicts anything
     [ "$(left)" -gt 40 ] || exit 0
     TIMEOUT=$(left) bash "$0" test "$run" $mode
@@ -121,6 +129,13 @@ sweep)
   wait
   for spec in "$@"; do read -r run _ <<< "$spec"; echo "== $run"; tail -n 3 "$OUT/$run.log"; done
   ;;
+soup)
+  name=${1:?soup name}; shift
+  [ $# -ge 2 ] || { echo "soup: give two or more runs to average" >&2; exit 2; }
+  mkdir -p "$OUT/$name" $RUNS/$name
+  folders=$(for run in "$@"; do printf '%s,' $RUNS/$run/best_adapter; done)
+  python3 predict.py --average_adapters "${folders%,}" --average_to $RUNS/$name/best_adapter 2>&1 | tee "$OUT/$name/soup.log"
+  ;;
 pack)
   cd "$OUT"
   tar -czf /tmp/results.tgz --exclude='adapter.tar.*' --exclude=results.tgz .
@@ -135,6 +150,6 @@ fetch)
   ls -l "$OUT/$run"
   ;;
 *)
-  echo "unknown stage $stage: setup, train, test, fetch, all, sweep or pack" >&2; exit 2
+  echo "unknown stage $stage: setup, train, test, soup, fetch, all, sweep or pack" >&2; exit 2
   ;;
 esac

@@ -3,8 +3,9 @@
     python bench/seed_summary.py RUN_DIR [RUN_DIR ...] [--json summary.json]
 
 A RUN_DIR is what `bench/msra_qwen_gpu.sh` returns for one run: `metrics.jsonl` (the dev F1
-rows training logs), and `test.plain.metrics.json` / `test.grounded.metrics.json` (predict.py
---metrics_file). A run without one of them leaves that cell empty and out of that column's mean.
+rows training logs), `test.plain.metrics.json` / `test.grounded.metrics.json` (predict.py
+--metrics_file) and, from `test RUN dev`, `dev.plain.metrics.json` (all of dev.txt, which also
+scores an averaged adapter that was never trained and so has no metrics.jsonl). A run without one of them leaves that cell empty and out of that column's mean.
 One run's score says little when seeds alone move test F1 by a point, so a recipe is judged by
 the mean, and the sample standard deviation says how far one run may fall from it.
 """
@@ -17,7 +18,7 @@ import math
 import os
 import sys
 
-COLUMNS = ("dev_f1", "plain_p", "plain_r", "plain_f1", "grounded_f1")
+COLUMNS = ("dev_f1", "full_dev_f1", "plain_p", "plain_r", "plain_f1", "grounded_f1")
 
 
 def _load_json(path: str) -> dict | None:
@@ -55,9 +56,10 @@ def run_row(run_dir: str) -> dict:
     if plain is not None:
         for key, name in (("precision", "plain_p"), ("recall", "plain_r"), ("f1", "plain_f1")):
             row[name] = 100 * plain["micro"][key]
-    grounded = _load_json(os.path.join(run_dir, "test.grounded.metrics.json"))
-    if grounded is not None:
-        row["grounded_f1"] = 100 * grounded["micro"]["f1"]
+    for name, column in (("test.grounded", "grounded_f1"), ("dev.plain", "full_dev_f1")):
+        scored = _load_json(os.path.join(run_dir, f"{name}.metrics.json"))
+        if scored is not None:
+            row[column] = 100 * scored["micro"]["f1"]
     return row
 
 
@@ -84,11 +86,12 @@ def _cell(value: float | None) -> str:
 
 
 def table(rows: list[dict], summary: dict) -> str:
-    lines = ["| run | best dev F1 (step) | test P | test R | test F1 plain | grounded |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | best dev F1 (step) | dev F1, all of dev.txt | test P | test R | test F1 plain | grounded |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         dev = f"{r['dev_f1']:.2f} ({r['dev_step']})" if "dev_f1" in r else ""
-        lines.append(f"| {r['run']} | {dev} | {_cell(r.get('plain_p'))} | {_cell(r.get('plain_r'))} | "
+        lines.append(f"| {r['run']} | {dev} | {_cell(r.get('full_dev_f1'))} | {_cell(r.get('plain_p'))} | "
+                     f"{_cell(r.get('plain_r'))} | "
                      f"{_cell(r.get('plain_f1'))} | {_cell(r.get('grounded_f1'))} |")
     lines.append("| runs | " + " | ".join(str(summary[c]["n"]) if c in summary else "0" for c in COLUMNS) + " |")
     for stat in ("mean", "sd", "min", "max"):

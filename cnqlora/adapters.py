@@ -14,6 +14,9 @@ transformers loads without cnqlora and without remote code. Baichuan bases becom
 `tokenizer.json` that reproduces BaichuanTokenizer exactly (`baichuan_tokenizer_json`).
 `check_merge` compares the merged folder with base + adapter; its tolerance is explained at
 `TOLERANCES`.
+
+`average_adapters` writes one adapter that is exactly the mean of several (seeds of one recipe,
+say), without loading a model.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from .errors import UserError
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
+    "AVERAGE_MARKER",
     "MERGE_DTYPES",
     "MERGE_MARKER",
     "TOLERANCES",
     "AdapterFiles",
     "adapter_train_config",
     "attach_adapter",
+    "average_adapters",
     "baichuan_tokenizer_json",
     "check_merge",
     "default_check_prompts",
@@ -54,6 +59,7 @@ __all__ = [
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_MARKER = "cnqlora_merge.json"
+AVERAGE_MARKER = "cnqlora_average.json"
 
 _logger = logging.getLogger(__name__)
 
@@ -562,8 +568,8 @@ def save_baichuan_fast_tokenizer(base_tokenizer, sp_model_path: str, out_dir: st
 # =========================================================================== merging
 
 
-def _check_out_dir(out_dir: str) -> bool:
-    """True when out_dir holds a previous merge that may be replaced."""
+def _check_out_dir(out_dir: str, marker: str = MERGE_MARKER, what: str = "merge") -> bool:
+    """True when out_dir holds a previous output of ours (`marker` in it) that may be replaced."""
     if not os.path.exists(out_dir):
         return False
     if not os.path.isdir(out_dir):
@@ -571,9 +577,9 @@ def _check_out_dir(out_dir: str) -> bool:
     entries = os.listdir(out_dir)
     if not entries:
         return False
-    if MERGE_MARKER in entries:
+    if marker in entries:
         return True
-    raise UserError(f"{out_dir}: exists and is not empty, and is not a previous merge (no {MERGE_MARKER} in it); "
+    raise UserError(f"{out_dir}: exists and is not empty, and is not a previous {what} (no {marker} in it); "
                     "refusing to overwrite it. Choose another output folder, or remove this one yourself.")
 
 
@@ -661,6 +667,161 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
                             "cnqlora.adapters.TOLERANCES for what the tolerance allows and why).")
     log(f"{'replaced the previous merge in' if replacing else 'wrote'} {out_dir}: {layout}, {dtype}, "
         f"in {time.time() - started:.1f}s")
+    return out_dir
+
+
+# =========================================================================== averaging adapters
+
+# LoRA tensors whose rank is their first axis (A: r x in) and those whose rank is their last (B: out x r).
+_RANK_FIRST = ("lora_A", "lora_embedding_A")
+_RANK_LAST = ("lora_B", "lora_embedding_B")
+
+
+def _scaling(config) -> float:
+    """peft's factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+
+
+def _check_averageable(adapters: list[AdapterFiles]) -> None:
+    first = adapters[0]
+    for adapter in adapters:
+        config, where = adapter.config, os.path.join(adapter.path, ADAPTER_CONFIG_NAME)
+        # One alpha and one r per adapter is what makes the concatenation below exact.
+        if config.rank_pattern or config.alpha_pattern:
+            raise UserError(f"{where}: rank_pattern/alpha_pattern give layers their own rank or alpha, which "
+                            "averaging does not handle; average adapters trained with one r and one lora_alpha.")
+        if getattr(config, "use_dora", False):
+            raise UserError(f"{where}: a DoRA adapter (use_dora) rescales the whole weight, so it is not a sum of "
+                            "low-rank deltas and cannot be averaged exactly.")
+        if getattr(config, "lora_bias", False):
+            raise UserError(f"{where}: lora_bias adapters are not supported for averaging.")
+        if sorted(adapter.weights) != sorted(first.weights):
+            only_here = sorted(set(adapter.weights) - set(first.weights))
+            only_there = sorted(set(first.weights) - set(adapter.weights))
+            example = (only_here or only_there)[0]
+            raise UserError(f"{adapter.weights_file}: does not adapt the same layers as {first.weights_file} "
+                            f"({example!r} is in only one of them); average adapters trained with the same "
+                            "lora_target on the same base model.")
+        for key, tensor in adapter.weights.items():
+            lora = _parse_key(key, set()).lora
+            if lora is not None and lora not in _RANK_FIRST + _RANK_LAST:
+                raise UserError(f"{adapter.weights_file}: {key!r} is a {lora} tensor; only LoRA A/B pairs can be "
+                                "averaged.")
+            ref = first.weights[key]
+            fixed = slice(None) if lora is None else slice(1, None) if lora in _RANK_FIRST else slice(None, -1)
+            if tensor.shape[fixed] != ref.shape[fixed]:
+                raise UserError(f"{adapter.weights_file}: {key!r} has shape {_fmt(tuple(tensor.shape))}, "
+                                f"{first.weights_file} {_fmt(tuple(ref.shape))}: the adapters were trained on "
+                                "different base models.")
+    eos = {trained_eos_token(a.path) for a in adapters}
+    if len(eos) > 1:
+        raise UserError(f"the adapters were trained to end answers with different EOS tokens "
+                        f"({', '.join(sorted(map(repr, eos)))}): they were trained with different tokenizers, "
+                        "so their average would not know where to stop. Average adapters of one base model folder.")
+
+
+def _averaged_weights(adapters: list[AdapterFiles]) -> dict[str, Any]:
+    import torch
+
+    k = len(adapters)
+    out = {}
+    for key in adapters[0].weights:
+        lora = _parse_key(key, set()).lora
+        tensors = [a.weights[key].float() for a in adapters]
+        if lora in _RANK_FIRST:
+            out[key] = torch.cat(tensors, dim=0)
+        elif lora in _RANK_LAST:
+            # each adapter's own scale and the 1/k of the mean go into its B block, so the
+            # written adapter needs a scale of exactly 1 (lora_alpha = r)
+            out[key] = torch.cat([t * (_scaling(a.config) / k) for t, a in zip(tensors, adapters)], dim=-1)
+        else:  # a fully trained module (modules_to_save): the plain mean
+            out[key] = sum(tensors) / k
+    return out
+
+
+def _delta(weights: Mapping[str, Any], a_key: str, scale: float):
+    b_key = a_key.replace("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in a_key else (
+        a_key.replace("lora_A", "lora_B"))
+    return scale * (weights[b_key].float() @ weights[a_key].float())
+
+
+def _check_average(adapters: list[AdapterFiles], averaged: AdapterFiles) -> float:
+    """Largest |difference| between the written adapter's B @ A deltas and the mean of the
+    inputs' deltas, relative to the largest |mean delta|: only float rounding should remain."""
+    worst = 0.0
+    scale = _scaling(averaged.config)
+    for key in averaged.weights:
+        if _parse_key(key, set()).lora not in _RANK_FIRST:
+            continue
+        expected = sum(_delta(a.weights, key, _scaling(a.config)) for a in adapters) / len(adapters)
+        got = _delta(averaged.weights, key, scale)
+        size = float(expected.abs().max())
+        worst = max(worst, float((got - expected).abs().max()) / max(size, 1e-12))
+    return worst
+
+
+# float32 sums of r products, reassociated; measured about 1e-7 of the delta's largest entry.
+AVERAGE_TOLERANCE = 1e-5
+
+
+def average_adapters(adapter_paths: list[str], out_dir: str, log: Callable[[str], None] = print) -> str:
+    """Write the adapter whose weight change is the mean of the given adapters' (a LoRA "soup").
+
+    Adapters of one base model trained with different seeds (or checkpoints of one run) differ
+    in their A and B, so averaging A and B separately would not average the models. Instead the
+    result stacks them: rank = the sum of their ranks, A = [A_1; ...; A_k], B = [s_1 B_1 | ... |
+    s_k B_k] / k with s_i each adapter's own scale, and lora_alpha = rank so that peft's scale is
+    1. Then B @ A = (1/k) sum of s_i B_i A_i exactly, and the result loads, predicts and merges
+    like any adapter (merged, it costs nothing at inference). Weights are written in float32.
+    No base model is needed; the written deltas are checked against the mean of the inputs'.
+    """
+    from .training import atomic_dir
+
+    if len(adapter_paths) < 2:
+        raise UserError("averaging needs at least two adapter folders (comma-separated).")
+    out_dir = os.path.normpath(out_dir)
+    sources = [os.path.abspath(p) for p in adapter_paths]
+    if os.path.abspath(out_dir) in sources:
+        raise UserError(f"{out_dir}: is one of the adapters being averaged; write the average to another folder.")
+    replacing = _check_out_dir(out_dir, AVERAGE_MARKER, "average")
+    started = time.time()
+    adapters = [read_adapter(p) for p in adapter_paths]
+    for adapter in adapters:
+        for note in adapter.notes:
+            log(f"note: {note}")
+    _check_averageable(adapters)
+    weights = _averaged_weights(adapters)
+    rank = sum(a.config.r for a in adapters)
+    with open(os.path.join(adapters[0].path, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(r=rank, lora_alpha=rank, use_rslora=False)
+    with atomic_dir(out_dir) as tmp:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        # the tokenizer (with the EOS the adapters were trained to write), chat template and training
+        # config go along, so predict.py finds the same defaults as for each input adapter
+        for name in sorted(os.listdir(adapters[0].path)):
+            source = os.path.join(adapters[0].path, name)
+            if (os.path.isfile(source) and name not in (ADAPTER_CONFIG_NAME, *_WEIGHT_NAMES, "README.md",
+                                                        "dev_metrics.json", MERGE_MARKER, AVERAGE_MARKER)):
+                shutil.copy2(source, os.path.join(tmp, name))
+        worst = _check_average(adapters, read_adapter(tmp))
+        if worst > AVERAGE_TOLERANCE:
+            raise UserError(f"{out_dir}: the written adapter's deltas differ from the mean of the inputs' by "
+                            f"{worst:.2e} of their size (tolerance {AVERAGE_TOLERANCE:.0e}); nothing was written.")
+        marker = {"adapters": sources, "ranks": [a.config.r for a in adapters],
+                  "scales": [_scaling(a.config) for a in adapters], "weight_each": 1 / len(adapters),
+                  "rank": rank, "check_max_relative_difference": worst}
+        with open(os.path.join(tmp, AVERAGE_MARKER), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    log(f"{'replaced the previous average in' if replacing else 'wrote'} {out_dir}: the mean of {len(adapters)} "
+        f"adapters as one of rank {rank} (deltas within {worst:.1e} of the mean) in {time.time() - started:.1f}s")
     return out_dir
 
 

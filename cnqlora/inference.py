@@ -47,6 +47,10 @@ class PredictArgs:
     merge_to: str | None = opt(None, "write base + adapter merged into this folder (a plain Hugging Face model) "
                                "and exit")
     merge_dtype: str = opt("bfloat16", "dtype of the merged weights", choices=MERGE_DTYPES)
+    average_adapters: list[str] = opt([], "adapter folders of one base model (comma-separated, e.g. the best "
+                                      "adapters of several seeds): write the adapter that is their mean to "
+                                      "--average_to and exit; no model is loaded")
+    average_to: str | None = opt(None, "where --average_adapters writes the averaged adapter")
     gpus: str | None = opt(None, "GPU ids to use, e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES)")
     only_cpu: bool = opt(False, "run on the CPU")
 
@@ -60,6 +64,9 @@ class PredictArgs:
             raise UserError("choose one of --interactive and --data_file.")
         if self.resume and not self.data_file:
             raise UserError("--resume needs --data_file.")
+        if bool(self.average_adapters) != bool(self.average_to):
+            raise UserError("--average_adapters A,B,... and --average_to DIR go together: the adapters to average "
+                            "and the folder for their mean.")
 
 
 PREDICT_SECTIONS = [ModelArgs, PromptArgs, PredictArgs, GenerationArgs]

@@ -537,3 +537,102 @@ def test_default_check_prompts_are_the_adapters_training_prompts(tiny_baichuan_d
     (adapter / "train_config.yaml").unlink()
     text, ids = default_check_prompts(str(adapter), tokenizer, "baichuan", n=1)[0]
     assert ids == encode_prompt(tokenizer, "baichuan", *text.split("\n", 1)).ids
+
+
+# --------------------------------------------------------------------------- averaging
+
+
+def _trained_adapter(base_dir, dest, seed, r, alpha, rslora=False, targets=("all-linear",)):
+    """An adapter as training saves it, with random non-zero B (a trained one's B is not zero)."""
+    from cnqlora.training import save_adapter
+
+    torch.manual_seed(seed)
+    model, _ = attach_lora(base(base_dir), LoraArgs(lora_r=r, lora_alpha=alpha, lora_target=list(targets)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    folder = save_adapter(model, load_tokenizer(base_dir), str(dest), "x: 1\n")
+    if rslora:  # the same weights read with rsLoRA's scale alpha / sqrt(r)
+        config_file = os.path.join(folder, "adapter_config.json")
+        with open(config_file) as f:
+            config = json.load(f)
+        with open(config_file, "w") as f:
+            json.dump(dict(config, use_rslora=True), f)
+    return folder
+
+
+def _merged_weights(base_dir, adapter):
+    return attach_adapter(base(base_dir), adapter, log=lambda _: None).merge_and_unload().state_dict()
+
+
+def test_an_averaged_adapter_is_the_mean_of_the_models(tiny_baichuan_dir, tmp_path):
+    from cnqlora.adapters import AVERAGE_MARKER, average_adapters
+
+    folders = [_trained_adapter(tiny_baichuan_dir, tmp_path / "a", 0, 4, 8),
+               _trained_adapter(tiny_baichuan_dir, tmp_path / "b", 1, 8, 8),
+               _trained_adapter(tiny_baichuan_dir, tmp_path / "c", 2, 4, 16, rslora=True)]
+    out = str(tmp_path / "soup")
+    messages = []
+    average_adapters(folders, out, log=messages.append)
+    assert "the mean of 3 adapters as one of rank 16" in messages[-1]
+
+    # The reference needs no averaging code: the mean of the three merged models' weights.
+    merged = [_merged_weights(tiny_baichuan_dir, f) for f in folders]
+    mean_state = {k: sum(m[k] for m in merged) / len(merged) for k in merged[0]}
+    reference = base(tiny_baichuan_dir)
+    reference.load_state_dict(mean_state)
+    soup = attach_adapter(base(tiny_baichuan_dir), out, log=lambda _: None)
+    single = attach_adapter(base(tiny_baichuan_dir), folders[0], log=lambda _: None)
+    with torch.no_grad():
+        expected, got = reference(input_ids=IDS).logits, soup(input_ids=IDS).logits
+        first = single(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - first).abs().max() > 0.05  # not just one of the inputs
+
+    config = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (16, 16, False)
+    # predict.py reads the tokenizer (and its EOS) and the training config from the adapter folder
+    assert {"tokenizer_config.json", "train_config.yaml", AVERAGE_MARKER} <= set(os.listdir(out))
+    # loads on a 4-bit base like any adapter
+    attach_adapter(base(tiny_baichuan_dir, quantization="4bit"), out, log=lambda _: None)
+
+
+def test_averaging_refuses_what_it_cannot_average(tiny_baichuan_dir, tmp_path, capsys):
+    from cnqlora.adapters import average_adapters
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import predict
+
+    a = _trained_adapter(tiny_baichuan_dir, tmp_path / "a", 0, 4, 8)
+    b = _trained_adapter(tiny_baichuan_dir, tmp_path / "b", 1, 4, 8)
+    attention_only = _trained_adapter(tiny_baichuan_dir, tmp_path / "w", 2, 4, 8, targets=("W_pack",))
+    quiet = {"log": lambda _: None}
+    with pytest.raises(UserError, match="at least two"):
+        average_adapters([a], str(tmp_path / "x"), **quiet)
+    with pytest.raises(UserError, match="does not adapt the same layers"):
+        average_adapters([a, attention_only], str(tmp_path / "x"), **quiet)
+    with pytest.raises(UserError, match="is one of the adapters"):
+        average_adapters([a, b], a, **quiet)
+    tokenizer_config = os.path.join(b, "tokenizer_config.json")
+    saved = open(tokenizer_config).read()
+    with open(tokenizer_config, "w") as f:
+        json.dump(dict(json.loads(saved), eos_token="<unk>"), f)
+    with pytest.raises(UserError, match="different EOS tokens"):
+        average_adapters([a, b], str(tmp_path / "x"), **quiet)
+    with open(tokenizer_config, "w") as f:
+        f.write(saved)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a previous average"):
+        average_adapters([a, b], str(occupied), **quiet)
+    assert not (tmp_path / "x").exists() and os.listdir(occupied) == ["notes.txt"]
+
+    # the command line: both flags or neither; a previous average is replaced
+    assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}"]) == 2
+    assert "go together" in capsys.readouterr().err
+    out = str(tmp_path / "soup")
+    for _ in range(2):
+        assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}", "--average_to", out]) == 0
+    assert "replaced the previous average" in capsys.readouterr().out

@@ -241,6 +241,7 @@ def test_seed_summary_gives_each_run_and_the_mean_and_spread(tmp_path, capsys):
         (folder / "test.plain.metrics.json").write_text(json.dumps({"micro": plain}))
         if grounded is not None:
             (folder / "test.grounded.metrics.json").write_text(json.dumps({"micro": {"f1": grounded}}))
+            (folder / "dev.plain.metrics.json").write_text(json.dumps({"micro": {"f1": grounded - 0.04}}))
         return str(folder)
 
     a = run("a", [(300, 0.80), (600, 0.88), (900, 0.86)], {"precision": 0.93, "recall": 0.91, "f1": 0.92}, 0.925)
@@ -248,11 +249,11 @@ def test_seed_summary_gives_each_run_and_the_mean_and_spread(tmp_path, capsys):
     report = tmp_path / "summary.json"
     assert seed_summary.main([a, b, "--json", str(report)]) == 0
     rows = table_rows(capsys.readouterr().out)
-    assert rows["a"] == ["a", "88.00 (600)", "93.00", "91.00", "92.00", "92.50"]  # the best dev, not the last
+    assert rows["a"] == ["a", "88.00 (600)", "88.50", "93.00", "91.00", "92.00", "92.50"]  # the best dev, not the last
     assert rows["b"][-1] == ""
-    assert rows["runs"] == ["runs", "2", "2", "2", "2", "1"]
-    assert rows["mean"] == ["mean", "89.00", "92.00", "90.00", "91.00", "92.50"]  # b has no grounded test
-    assert rows["sd"] == ["sd", "1.41", "1.41", "1.41", "1.41", ""]  # sample sd of 88 and 90; none of one run
+    assert rows["runs"] == ["runs", "2", "1", "2", "2", "2", "1"]
+    assert rows["mean"] == ["mean", "89.00", "88.50", "92.00", "90.00", "91.00", "92.50"]  # b has no grounded test
+    assert rows["sd"] == ["sd", "1.41", "", "1.41", "1.41", "1.41", ""]  # sample sd of 88 and 90; none of one run
     assert json.loads(report.read_text())["summary"]["plain_f1"]["n"] == 2
 
     with open(os.path.join(b, "metrics.jsonl"), "a") as f:
