@@ -67,6 +67,9 @@ class PredictArgs:
         if bool(self.average_adapters) != bool(self.average_to):
             raise UserError("--average_adapters A,B,... and --average_to DIR go together: the adapters to average "
                             "and the folder for their mean.")
+        if self.average_to and (self.merge_to or self.data_file or self.interactive or self.lora_model):
+            raise UserError("--average_to only writes the averaged adapter; run predict.py again with "
+                            "--lora_model <that folder> to predict with it or merge it.")
 
 
 PREDICT_SECTIONS = [ModelArgs, PromptArgs, PredictArgs, GenerationArgs]

@@ -622,6 +622,15 @@ def test_averaging_refuses_what_it_cannot_average(tiny_baichuan_dir, tmp_path, c
         average_adapters([a, b], str(tmp_path / "x"), **quiet)
     with open(tokenizer_config, "w") as f:
         f.write(saved)
+    config_file = os.path.join(b, "adapter_config.json")
+    saved = open(config_file).read()
+    for change, message in (({"use_dora": True}, "DoRA"), ({"rank_pattern": {"W_pack": 2}}, "rank_pattern")):
+        with open(config_file, "w") as f:
+            json.dump(dict(json.loads(saved), **change), f)
+        with pytest.raises(UserError, match=message):
+            average_adapters([a, b], str(tmp_path / "x"), **quiet)
+    with open(config_file, "w") as f:
+        f.write(saved)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -632,6 +641,9 @@ def test_averaging_refuses_what_it_cannot_average(tiny_baichuan_dir, tmp_path, c
     # the command line: both flags or neither; a previous average is replaced
     assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}"]) == 2
     assert "go together" in capsys.readouterr().err
+    assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}", "--average_to", "x",
+                                              "--merge_to", "y"]) == 2
+    assert "only writes the averaged adapter" in capsys.readouterr().err
     out = str(tmp_path / "soup")
     for _ in range(2):
         assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}", "--average_to", out]) == 0
