@@ -713,7 +713,8 @@ def _check_averageable(adapters: list[AdapterFiles]) -> None:
                 raise UserError(f"{adapter.weights_file}: {key!r} has shape {_fmt(tuple(tensor.shape))}, "
                                 f"{first.weights_file} {_fmt(tuple(ref.shape))}: the adapters were trained on "
                                 "different base models.")
-    eos = {trained_eos_token(a.path) for a in adapters}
+    # a training checkpoint has no tokenizer beside it, so no EOS to disagree with
+    eos = {trained_eos_token(a.path) for a in adapters} - {None}
     if len(eos) > 1:
         raise UserError(f"the adapters were trained to end answers with different EOS tokens "
                         f"({', '.join(sorted(map(repr, eos)))}): they were trained with different tokenizers, "
@@ -804,9 +805,11 @@ def average_adapters(adapter_paths: list[str], out_dir: str, log: Callable[[str]
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
         # the tokenizer (with the EOS the adapters were trained to write), chat template and training
-        # config go along, so predict.py finds the same defaults as for each input adapter
-        for name in sorted(os.listdir(adapters[0].path)):
-            source = os.path.join(adapters[0].path, name)
+        # config go along, so predict.py finds the same defaults as for each input adapter; from
+        # the first adapter that has a tokenizer (a training checkpoint has none)
+        donor = next((a.path for a in adapters if trained_eos_token(a.path) is not None), adapters[0].path)
+        for name in sorted(os.listdir(donor)):
+            source = os.path.join(donor, name)
             if (os.path.isfile(source) and name not in (ADAPTER_CONFIG_NAME, *_WEIGHT_NAMES, "README.md",
                                                         "dev_metrics.json", MERGE_MARKER, AVERAGE_MARKER)):
                 shutil.copy2(source, os.path.join(tmp, name))

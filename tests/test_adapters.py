@@ -638,6 +638,14 @@ def test_averaging_refuses_what_it_cannot_average(tiny_baichuan_dir, tmp_path, c
         average_adapters([a, b], str(occupied), **quiet)
     assert not (tmp_path / "x").exists() and os.listdir(occupied) == ["notes.txt"]
 
+    # a training checkpoint (no tokenizer beside it) averages with a saved adapter, whose tokenizer goes along
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (checkpoint / name).write_bytes(open(os.path.join(a, name), "rb").read())
+    average_adapters([str(checkpoint), b], str(tmp_path / "with_checkpoint"), **quiet)
+    assert "tokenizer_config.json" in os.listdir(tmp_path / "with_checkpoint")
+
     # the command line: both flags or neither; a previous average is replaced
     assert predict.run_command(predict.main, ["--average_adapters", f"{a},{b}"]) == 2
     assert "go together" in capsys.readouterr().err

@@ -261,3 +261,31 @@ def test_seed_summary_gives_each_run_and_the_mean_and_spread(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"metrics.jsonl:3: not JSON"):
         seed_summary.main([b])
     assert seed_summary.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_ner_vote_keeps_what_most_files_answer(tmp_path, capsys):
+    ner_vote = load("ner_vote")
+    reference = "张三_人名\n北京_地名"
+    outputs = ["张三_人名\n北京_地名", "张三_人名\n京_地名", "张三_人名\n北京_地名\n今天_地名"]
+    paths = []
+    for i, output in enumerate(outputs):
+        path = tmp_path / f"{i}.jsonl"
+        rows = [{"input": "文本：张三今天在北京", "output": output, "reference": reference},
+                {"input": "文本：下雨", "output": "下雨_地名" if i == 0 else "没有", "reference": "没有"}]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        paths.append(str(path))
+    voted = tmp_path / "voted.jsonl"
+    assert ner_vote.main(paths + ["--types", "人名,地名,机构名", "--out", str(voted)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[paths[1]][1:] == ["50.00", "50.00", "50.00"]
+    # 2 of 3 keep 张三 and 北京; 京, 今天 and 下雨 each have one vote
+    assert rows["vote, 2 of 3"][1:] == ["100.00", "100.00", "100.00"]
+    assert [json.loads(line)["output"] for line in voted.read_text(encoding="utf-8").splitlines()] == [
+        "张三_人名\n北京_地名", "没有"]
+    assert ner_vote.main(paths + ["--types", "人名,地名,机构名", "--min_votes", "1"]) == 0
+    assert table_rows(capsys.readouterr().out)["vote, 1 of 3"][1:] == ["40.00", "100.00", "57.14"]  # 2 of 5 right
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"input": "x", "output": "没有", "reference": "没有"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="not predictions of the same inputs"):
+        ner_vote.main(paths[:2] + [str(other)])
