@@ -86,11 +86,21 @@ def seen_in_training(rows: list[dict], types: list[str] | None, train_file: str)
     return {k: {"reference": n, "found": hit, "recall": hit / n if n else 0.0} for k, (n, hit) in counts.items()}
 
 
+def resolve_types(types_arg: str, rows: list[dict]) -> list[str] | None:
+    """--types, or as predict.py's score_predictions: the types the references use."""
+    return ([t for t in types_arg.split(",") if t]
+            or allowed_types_from_answers(r["reference"] for r in rows) or None)
+
+
+def inputs_match(rows: list[dict], other: list[dict]) -> bool:
+    """Whether `other` starts with predictions of the same inputs as `rows`, in the same order."""
+    return [r.get("input") for r in other[:len(rows)]] == [r.get("input") for r in rows]
+
+
 def identical_outputs(rows: list[dict], other_path: str) -> str:
     """How many outputs equal those of another predictions file of the same inputs, in the same order."""
     other = read_predictions(other_path)
-    inputs = [r.get("input") for r in rows]
-    if [r.get("input") for r in other[:len(rows)]] != inputs:
+    if not inputs_match(rows, other):
         raise SystemExit(f"{other_path}: not predictions of the same inputs in the same order; compare files of one "
                          "data file (cut the longer one to the length of the shorter)")
     same = sum(a["output"] == b["output"] for a, b in zip(rows, other))
@@ -143,9 +153,7 @@ def main(argv=None) -> int:
                         "count the identical outputs")
     args = parser.parse_args(argv)
     rows = read_predictions(args.predictions)
-    # predict.py's score_predictions takes the types from the references when none are given.
-    types = ([t for t in args.types.split(",") if t]
-             or allowed_types_from_answers(r["reference"] for r in rows) or None)
+    types = resolve_types(args.types, rows)
     result = analyse(rows, types, args.dense)
     if args.train:
         result["seen"] = seen_in_training(rows, types, args.train)

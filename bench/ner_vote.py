@@ -23,10 +23,9 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ner_errors import micro, read_predictions  # noqa: E402
+from ner_errors import inputs_match, micro, read_predictions, resolve_types  # noqa: E402
 
-from cnqlora.grounded import allowed_types_from_answers  # noqa: E402  (ner_errors put the repo on the path)
-from cnqlora.metrics import NONE_ANSWER, parse_answer  # noqa: E402
+from cnqlora.metrics import NONE_ANSWER, parse_answer  # noqa: E402  (ner_errors put the repo on the path)
 
 
 def vote(files: list[list[dict]], min_votes: int, types: list[str] | None) -> list[dict]:
@@ -53,13 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give two or more predictions files")
     files = [read_predictions(p) for p in args.predictions]
     for path, rows in zip(args.predictions[1:], files[1:]):
-        if [r.get("input") for r in rows] != [r.get("input") for r in files[0]]:
+        if len(rows) != len(files[0]) or not inputs_match(files[0], rows):
             raise SystemExit(f"{path}: not predictions of the same inputs in the same order as {args.predictions[0]}")
     min_votes = args.min_votes or len(files) // 2 + 1
     if not 1 <= min_votes <= len(files):
         parser.error(f"--min_votes must be between 1 and {len(files)}")
-    types = ([t for t in args.types.split(",") if t]
-             or allowed_types_from_answers(r["reference"] for r in files[0]) or None)
+    types = resolve_types(args.types, files[0])
     lines = ["| predictions | P | R | F1 |", "| --- | --- | --- | --- |"]
     scored = [(path, micro(rows, types)) for path, rows in zip(args.predictions, files)]
     voted = vote(files, min_votes, types)
