@@ -6,8 +6,10 @@
 #   bash bench/msra_qwen_gpu.sh setup            # wheels from .whl/, MSRA from .up/dh_msra.txt,
 #                                                # the GGUF from /tmp/up/q00..q08 once all are there
 #   bash bench/msra_qwen_gpu.sh train RUN [TRAINING OPTIONS...]
-#                                                # configs/msra_qwen0.5b.yaml on train_joined.txt (later
-#                                                # options win: --train_file $DATA/train.txt); resumes RUN's newest
+#                                                # one run of configs/msra_qwen0.5b.yaml on train_joined.txt
+#                                                # (its average_seeds emptied: here sweep trains the seeds at
+#                                                # once and soup averages them; later options win:
+#                                                # --train_file $DATA/train.txt); resumes RUN's newest
 #                                                # checkpoint, so a call cut short loses little
 #   DEADLINE=$(( $(date +%s) + 560 )) bash bench/msra_qwen_gpu.sh all RUN [TRAINING OPTIONS...]
 #                                                # train, then test plain and grounded, each stage
@@ -76,7 +78,7 @@ train)
   if [ -f $RUNS/$run/adapter_model/adapter_model.safetensors ]; then echo "$run: already trained"; else
   ${TIMEOUT:+timeout $TIMEOUT} python3 baichuan_qlora.py --config configs/msra_qwen0.5b.yaml --model_name_or_path $MODEL \
     --train_file $DATA/train_joined.txt --dev_file $DATA/dev.txt --output_dir $RUNS --run_name "$run" \
-    --resume_from_checkpoint auto "$@" 2>&1 | quiet | tee -a $RUNS/$run.train.log \
+    --resume_from_checkpoint auto --average_seeds '' "$@" 2>&1 | quiet | tee -a $RUNS/$run.train.log \
     || echo "training stopped early (exit $?); the next 'train $run' resumes it"
   fi
   cp $RUNS/$run.train.log "$OUT/$run/"

@@ -9,6 +9,10 @@ One run lives in `checkpoint/<run_name>/`:
     metrics.jsonl        every logged value, one JSON object per line
     loss.png             train and dev loss curves
 
+With average_seeds, `checkpoint/<run_name>/` holds one such run per seed (`seed-N/`) and
+`average_adapter/`: the mean of their adapters (`adapters.average_adapters`), with its dev F1
+beside the members' in `average_adapter/dev_metrics.json`.
+
 Micro-batches come from a stream that depends only on the seed (`batching.BatchStream`), and
 optimizer step k consumes micro-batches [k * accum, (k + 1) * accum) of it. The step number
 alone therefore fixes the data position, and a resumed run replays exactly the batches (and,
@@ -27,7 +31,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from .config import dump_yaml, opt
@@ -94,6 +98,10 @@ class TrainArgs:
     fused_kernels: str = opt("auto", "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE; auto: when installed and a "
                              "CUDA GPU is present", choices=FUSED_KERNELS)
     tensorboard: bool = opt(True, "write TensorBoard logs to <run>/tb")
+    average_seeds: list[int] = opt([], "train one run per seed (<run>/seed-N), then write the mean of their "
+                                   "adapters (each its best by dev F1 when eval_f1_steps is on) to "
+                                   "<run>/average_adapter and score it on the same dev F1 sample; e.g. 45,46,47,48. "
+                                   "Empty: one run with --seed")
     create_tiny_model_if_missing: bool = opt(False, "when the model folder is missing, build a tiny random "
                                              "Baichuan-layout model there (the demo; shows the pipeline, not "
                                              "NER quality)")
@@ -104,6 +112,12 @@ class TrainArgs:
                 raise UserError(f"--{name} must be at least 1.")
         if self.max_steps is None and self.num_epochs <= 0:
             raise UserError("--num_epochs must be positive (or set --max_steps).")
+        if self.average_seeds and (len(self.average_seeds) < 2 or len(set(self.average_seeds)) < len(self.average_seeds)):
+            raise UserError(f"--average_seeds {','.join(map(str, self.average_seeds))}: give two or more different "
+                            "seeds (an average of one seed, or of a seed with itself, is that seed's run).")
+        if self.average_seeds and self.resume_from_checkpoint not in (None, "auto"):
+            raise UserError(f"--resume_from_checkpoint {self.resume_from_checkpoint}: with --average_seeds each seed "
+                            "resumes its own run; use --resume_from_checkpoint auto.")
 
 
 TRAIN_SECTIONS = [ModelArgs, PromptArgs, DataArgs, LoraArgs, TrainArgs]
@@ -406,6 +420,16 @@ def save_adapter(model, tokenizer, dest: str, resolved_config: str, extra_files:
     return dest
 
 
+def _dev_evaluator(tokenizer, template: str, train_records: list[dict], dev_records: list[dict], train_args: TrainArgs):
+    """The dev F1 of a run: the same records, types and length limit for every adapter it compares."""
+    from .evaluation import DevNerEvaluator
+    from .grounded import allowed_types_from_answers
+
+    types = allowed_types_from_answers(r["answer"] for r in train_records) or None
+    return DevNerEvaluator(tokenizer, template, spread(dev_records, train_args.eval_f1_samples), types,
+                           max_new_tokens=train_args.eval_max_new_tokens)
+
+
 def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir: str, resolved: str,
             best_f1: float, best_step: int, bar) -> tuple[float, int]:
     """Score the dev answers, log them, and keep the adapter if it is the best so far."""
@@ -500,8 +524,11 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     """Run (or resume) a training run; return where its outputs are and its last losses.
 
     Each callback is called as callback(step=..., model=..., metrics=...) after every optimizer
-    step, once that step's logging, evaluation and checkpoint are done.
+    step, once that step's logging, evaluation and checkpoint are done. With average_seeds this
+    trains every seed and averages them (`train_average`).
     """
+    if train_args.average_seeds:
+        return train_average(model_args, prompt_args, data_args, lora_args, train_args, log, callbacks)
     import torch
     from tqdm.auto import tqdm
 
@@ -569,12 +596,9 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     eval_batches = eval_plan([len(x["input_ids"]) for x in dev_samples], train_args.batch_size, plan.max_tokens)
     evaluator = None
     if train_args.eval_f1_steps and dev_records:
-        from .evaluation import DevNerEvaluator, best_so_far
-        from .grounded import allowed_types_from_answers
+        from .evaluation import best_so_far
 
-        types = allowed_types_from_answers(r["answer"] for r in train_records) or None
-        evaluator = DevNerEvaluator(tokenizer, template, spread(dev_records, train_args.eval_f1_samples), types,
-                                    max_new_tokens=train_args.eval_max_new_tokens)
+        evaluator = _dev_evaluator(tokenizer, template, train_records, dev_records, train_args)
         best_f1, best_step = best_so_far(history)
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
@@ -638,3 +662,97 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, "history": metrics.history,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "last_eval_loss": evals[-1] if evals else None, "template": template, "best": best}
+
+
+# --------------------------------------------------------------------------- averaging seeds
+
+
+def _free_accelerator_memory() -> None:
+    # The next seed's memory mode is chosen from the GPU's free memory, so the last model must be gone.
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _finished(run_dir: str) -> bool:
+    # The final adapter is written (atomically) only once the last step is done.
+    return os.path.isfile(os.path.join(run_dir, "adapter_model", "adapter_model.safetensors"))
+
+
+def _member_dev_f1(adapter_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(adapter_dir, "dev_metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        marker = json.load(f)
+    return {"dev_f1": marker["micro"]["f1"], "step": marker["step"]}
+
+
+def train_average(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
+                  train_args: TrainArgs, log: Callable[[str], None] = print,
+                  callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+    """Train the recipe once per seed of average_seeds, then average their adapters into one.
+
+    Seeds of one recipe make different errors (an entity vote of three MSRA seeds beat each of
+    them by more than a point), and the mean of their weight changes keeps much of that gain at
+    the cost of one adapter. Each seed is a whole run in <run>/seed-N (resumable, with its own
+    best adapter); with --resume_from_checkpoint, seeds that finished are not trained again. The
+    average is scored on the same dev sample as the members and the two are compared in the log,
+    since an average is only worth using when it beats them there.
+    """
+    from .adapters import average_adapters
+
+    run_dir = os.path.join(train_args.output_dir, train_args.run_name)
+    train_records, dev_records, _ = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
+    members, results = [], []
+    for i, seed in enumerate(train_args.average_seeds, 1):
+        args = replace(train_args, seed=seed, output_dir=run_dir, run_name=f"seed-{seed}", average_seeds=[])
+        seed_dir = os.path.join(run_dir, args.run_name)
+        if train_args.resume_from_checkpoint and _finished(seed_dir):
+            log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): finished before in {seed_dir}, not trained again")
+        else:
+            log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): training {seed_dir}")
+            results.append(train(model_args, prompt_args, data_args, lora_args, args, log, callbacks))
+            _free_accelerator_memory()
+        best = os.path.join(seed_dir, "best_adapter")
+        members.append(best if os.path.isdir(best) else os.path.join(seed_dir, "adapter_model"))
+
+    average_dir = average_adapters(members, os.path.join(run_dir, "average_adapter"), log)
+    dev = None
+    member_scores = [_member_dev_f1(m) for m in members]
+    if train_args.eval_f1_steps and dev_records and all(member_scores):
+        dev = _score_average(model_args, prompt_args, train_args, average_dir, train_records, dev_records,
+                             members, member_scores, log)
+    return {"adapter_dir": average_dir, "run_dir": run_dir, "members": members, "trained": results, "dev": dev}
+
+
+def _score_average(model_args: ModelArgs, prompt_args: PromptArgs, train_args: TrainArgs, average_dir: str,
+                   train_records: list[dict], dev_records: list[dict], members: list[str],
+                   member_scores: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
+    from .evaluation import dev_scalars
+    from .inference import load_for_inference
+
+    loaded = load_for_inference(model_args, prompt_args, average_dir)
+    result = _dev_evaluator(loaded.tokenizer, loaded.template, train_records, dev_records, train_args)(loaded.model)
+    del loaded
+    _free_accelerator_memory()
+    f1 = dev_scalars(result)["dev_f1"]
+    mean = sum(s["dev_f1"] for s in member_scores) / len(member_scores)
+    best = max(range(len(members)), key=lambda i: member_scores[i]["dev_f1"])
+    record = {"members": [{"adapter": m, **s} for m, s in zip(members, member_scores)],
+              "members_mean_dev_f1": mean, **result}
+    with open(os.path.join(average_dir, "dev_metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+    scores = ", ".join(f"{100 * s['dev_f1']:.2f}" for s in member_scores)
+    log(f"average of {len(members)} seeds: dev F1 {100 * f1:.2f} on {result['records']} dev records; the members' "
+        f"best there {scores} (mean {100 * mean:.2f}) -> {average_dir}")
+    if f1 <= mean:
+        log(f"note: the average is not above its members' mean dev F1; the best member, {members[best]}, may be the "
+            "better adapter to use (the members' scores are each the best of their run's evaluations, so this "
+            "comparison already favours them)")
+    return record

@@ -25,8 +25,8 @@ def options(model_dir, data_dir, out_dir, *extra):
     return parse_options(TRAIN_SECTIONS, argv)
 
 
-def run(model_dir, data_dir, out_dir, *extra, callbacks=()):
-    return train(*options(model_dir, data_dir, out_dir, *extra), log=lambda _: None, callbacks=callbacks)
+def run(model_dir, data_dir, out_dir, *extra, callbacks=(), log=lambda _: None):
+    return train(*options(model_dir, data_dir, out_dir, *extra), log=log, callbacks=callbacks)
 
 
 def crash_then_resume(model_dir, data_dir, out_dir, *extra, crash_step=5):
