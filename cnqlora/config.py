@@ -166,7 +166,7 @@ def build_parser(sections: list[type], prog: str, description: str) -> argparse.
             choices = f.metadata.get("choices")
             if choices:
                 help_text += f" {{{', '.join(map(str, choices))}}}"
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            shown = (",".join(map(str, default)) or "empty") if isinstance(default, list) else default
             help_text += f" (default: {shown})"
             help_text = help_text.replace("%", "%%")  # argparse formats help with %
             flags = [f"--{f.name}", *(f"--{a}" for a in f.metadata.get("aliases", ()))]

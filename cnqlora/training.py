@@ -707,6 +707,10 @@ def train_average(model_args: ModelArgs, prompt_args: PromptArgs, data_args: Dat
     from .adapters import average_adapters
 
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
+    seeds = ",".join(map(str, train_args.average_seeds))
+    # said up front: a --seed given for a one-seed run would otherwise go unused without a word
+    log(f"average_seeds {seeds}: {len(train_args.average_seeds)} runs in {run_dir}/seed-N, then their mean in "
+        f"{run_dir}/average_adapter; --seed is not used (for one run: --average_seeds '' --seed N)")
     train_records, dev_records, _ = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
     members, results = [], []
     for i, seed in enumerate(train_args.average_seeds, 1):

@@ -77,6 +77,8 @@ def test_help_lists_every_option(capsys):
     for section in TRAIN_SECTIONS:
         for name in section.__dataclass_fields__:
             assert f"--{name}" in out
+    # list options show their default as the command line takes it, and say when it is empty
+    assert "(default: all-linear)" in out and "(default: empty)" in out
 
 
 def test_resolved_config_round_trips(tmp_path):

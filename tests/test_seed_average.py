@@ -57,6 +57,7 @@ def test_each_seed_is_a_run_and_the_average_is_their_mean(tiny_ner_model_dir, ne
     assert record["micro"]["f1"] == 0.6
     assert any("dev F1 60.00 on 4 dev records" in line and "mean 45.00" in line for line in lines)
     assert not any("not above its members' mean" in line for line in lines)
+    assert "--seed is not used" in lines[0]
 
 
 def test_a_stopped_average_resumes_without_training_finished_seeds_again(tiny_ner_model_dir, ner_data_dir, tmp_path):
