@@ -18,6 +18,10 @@ import math
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cnqlora.evaluation import best_so_far  # noqa: E402
+
 COLUMNS = ("dev_f1", "full_dev_f1", "plain_p", "plain_r", "plain_f1", "grounded_f1")
 
 
@@ -33,18 +37,18 @@ def best_dev(run_dir: str) -> tuple[float, int] | None:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    best = None
+    rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}:{number}: not JSON ({e.msg}); is the file cut short?") from None
-            if "dev_f1" in row and (best is None or row["dev_f1"] > best[0]):
-                best = (row["dev_f1"], row["step"])
-    return None if best is None else (100 * best[0], best[1])
+    # the same choice training made when it kept best_adapter
+    best, step = best_so_far(rows)
+    return None if step == 0 else (100 * best, step)
 
 
 def run_row(run_dir: str) -> dict:
