@@ -682,7 +682,7 @@ def _scaling(config) -> float:
     return config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
 
 
-def _check_averageable(adapters: list[AdapterFiles]) -> None:
+def _check_averageable(adapters: list[AdapterFiles], eos_tokens: list[str | None]) -> None:
     first = adapters[0]
     for adapter in adapters:
         config, where = adapter.config, os.path.join(adapter.path, ADAPTER_CONFIG_NAME)
@@ -714,7 +714,7 @@ def _check_averageable(adapters: list[AdapterFiles]) -> None:
                                 f"{first.weights_file} {_fmt(tuple(ref.shape))}: the adapters were trained on "
                                 "different base models.")
     # a training checkpoint has no tokenizer beside it, so no EOS to disagree with
-    eos = {trained_eos_token(a.path) for a in adapters} - {None}
+    eos = set(eos_tokens) - {None}
     if len(eos) > 1:
         raise UserError(f"the adapters were trained to end answers with different EOS tokens "
                         f"({', '.join(sorted(map(repr, eos)))}): they were trained with different tokenizers, "
@@ -741,8 +741,7 @@ def _averaged_weights(adapters: list[AdapterFiles]) -> dict[str, Any]:
 
 
 def _delta(weights: Mapping[str, Any], a_key: str, scale: float):
-    b_key = a_key.replace("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in a_key else (
-        a_key.replace("lora_A", "lora_B"))
+    b_key = a_key.replace("lora_embedding_A", "lora_embedding_B").replace("lora_A", "lora_B")
     return scale * (weights[b_key].float() @ weights[a_key].float())
 
 
@@ -790,7 +789,8 @@ def average_adapters(adapter_paths: list[str], out_dir: str, log: Callable[[str]
     for adapter in adapters:
         for note in adapter.notes:
             log(f"note: {note}")
-    _check_averageable(adapters)
+    eos_tokens = [trained_eos_token(a.path) for a in adapters]
+    _check_averageable(adapters, eos_tokens)
     weights = _averaged_weights(adapters)
     rank = sum(a.config.r for a in adapters)
     with open(os.path.join(adapters[0].path, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
@@ -807,7 +807,7 @@ def average_adapters(adapter_paths: list[str], out_dir: str, log: Callable[[str]
         # the tokenizer (with the EOS the adapters were trained to write), chat template and training
         # config go along, so predict.py finds the same defaults as for each input adapter; from
         # the first adapter that has a tokenizer (a training checkpoint has none)
-        donor = next((a.path for a in adapters if trained_eos_token(a.path) is not None), adapters[0].path)
+        donor = next((a.path for a, eos in zip(adapters, eos_tokens) if eos is not None), adapters[0].path)
         for name in sorted(os.listdir(donor)):
             source = os.path.join(donor, name)
             if (os.path.isfile(source) and name not in (ADAPTER_CONFIG_NAME, *_WEIGHT_NAMES, "README.md",
