@@ -10,6 +10,9 @@
     # a file: batched greedy decoding, predictions as JSON Lines, P/R/F1 when it has answers
     python predict.py --config configs/msra_baichuan7b.yaml --lora_model checkpoint/baichuan/adapter_model \\
         --data_file data/msra/test.txt --predictions_file checkpoint/baichuan/test.predictions.jsonl
+    # a file with bad records: they are listed and skipped; each prediction's `line` names its record
+    python predict.py --config configs/msra_baichuan7b.yaml --lora_model checkpoint/baichuan/adapter_model \\
+        --data_file my_test.jsonl --skip_bad_lines
     # the mean of several adapters (e.g. seeds of one recipe) as one adapter: predict or merge it like any other
     python predict.py --average_adapters runs/s42/best_adapter,runs/s43/best_adapter,runs/s44/best_adapter \\
         --average_to checkpoint/soup

@@ -299,6 +299,9 @@ def build_model(config: BaichuanConfig, device: str, seed: int = 0, quantize: bo
             parent, name, linear = pending.pop()
             setattr(parent, name, quantize_linear(linear, compute_dtype))
         mark_4bit(model, compute_dtype)
+        from cnqlora.models import keep_4bit_differentiable
+
+        keep_4bit_differentiable(model)
     model.train()
     return model
 

@@ -1,6 +1,10 @@
-"""Prediction throughput: the seed's one-at-a-time sampling loop vs predict.py's batched greedy path.
+"""Prediction throughput: the seed's loop, batched generate (the old path) and the engine.
 
-    # on one GPU (about 2-3 minutes; needs the MSRA corpus and Baichuan's tokenizer.model, see --help)
+    # the engine suite, on one GPU (needs the MSRA corpus and Baichuan's tokenizer.model, see --help)
+    python bench/predict_speed.py --suite engine --shape baichuan7b --json $OUT/engine_7b.json
+    python bench/predict_speed.py --suite engine --shape qwen0.5b --json $OUT/engine_05b.json
+    python bench/predict_speed.py --suite engine --tiny          # anywhere, in seconds
+    # the earlier suite (seed loop, batched NF4, batched merged), on one GPU (about 2-3 minutes)
     python bench/predict_speed.py --json $OUT/predict_speed.json
     python bench/predict_speed.py --records 1024       # the batched paths on fewer test sentences
     # anywhere, in seconds (tiny model, generated corpus and tokenizer)
@@ -17,6 +21,14 @@ bench/common.py); the inputs are the official MSRA test sentences (the 4,631 aft
                     windows of 8 batches, left-padded batches of --batch_size, greedy, KV cache
     batched-merged  the same on the merged 16-bit model: every NF4 weight dequantised into a plain
                     bf16 Linear (what `predict.py --merge_to` produces), same sentences and batches
+
+The engine suite (`--suite engine`) times two workloads: `fixed`, exactly --new_tokens tokens per
+sentence, and `reference`, each sentence generating its reference answer's token count plus EOS
+(forced, since the weights are random), where a batch of generate() waits for its longest answer
+and the engine refills a finished row's slot. Each path prints sentences/s, new tokens/s, peak GiB
+and its share of a hardware limit: prefill FLOPs at the measured bf16 matmul peak plus, per decode
+step of `batch` rows, one read of the weights at the measured copy bandwidth (KV reads ignored, so
+the limit is generous).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace as dataclass_replace
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,6 +132,227 @@ def batched(model, tokenizer, prompts: list[list[int]], batches: list[list[list[
     return result
 
 
+# --------------------------------------------------------------------------- the engine suite
+
+
+def force_lengths_factory(targets: list[int], stop_ids: list[int]):
+    """A logits_processor_factory for generate_ids: row r emits no stop token before targets[r] - 1
+    new tokens, then a stop token (targets count the EOS)."""
+    from transformers import LogitsProcessor
+
+    class ForceLengths(LogitsProcessor):
+        def __init__(self, width: int, rows: list[int]) -> None:
+            self.width, self.rows = width, rows
+
+        def __call__(self, input_ids, scores):
+            step = input_ids.shape[1] - self.width
+            stops = torch.tensor(stop_ids, device=scores.device)
+            wanted = torch.tensor([targets[i] for i in self.rows], device=scores.device)
+            early = (step < wanted - 1)[:, None]
+            scores = scores.masked_fill(early & torch.isin(torch.arange(scores.shape[1], device=scores.device),
+                                                           stops)[None, :], float("-inf"))
+            now = (step >= wanted - 1)[:, None]
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, stop_ids[0]] = 0.0
+            return torch.where(now, forced, scores)
+
+    return ForceLengths
+
+
+def forced_batched(model, tokenizer, prompts, targets, batch_size: int, deadline: float, device: str):
+    """generate() in length-sorted batches of batch_size, each row running to its target length."""
+    stops = stop_token_ids(tokenizer, model)
+    gen = GenerationArgs(max_new_tokens=max(targets), batch_size=batch_size, engine="hf")
+    processor = force_lengths_factory(targets, stops)
+    batches = [b for w in length_sorted_batches([len(p) for p in prompts], batch_size, window=batch_size * 8)
+               for b in w]
+    generate_ids(model, tokenizer, [prompts[i] for i in batches[0]], dataclass_replace(gen, max_new_tokens=2),
+                 lambda ids, n: processor(ids.shape[1], batches[0]))  # warm-up
+    common.sync(device)
+    common.reset_peak(device)
+    produced, status, start = [], "ok", time.perf_counter()
+    for k, batch in enumerate(batches):
+        batch_gen = dataclass_replace(gen, max_new_tokens=max(targets[i] for i in batch))
+        rows = generate_ids(model, tokenizer, [prompts[i] for i in batch], batch_gen,
+                            lambda ids, n, batch=batch: processor(ids.shape[1], batch))
+        produced.extend(len(r) + 1 for r in rows)  # + the EOS the row ended on
+        if time.perf_counter() > deadline and k < len(batches) - 1:
+            status = f"partial: out of time after {len(produced)} of {len(prompts)} sentences"
+            break
+    common.sync(device)
+    result = summary(time.perf_counter() - start, produced, status)
+    result["peak_gib"] = gib(common.peak(device))
+    return result
+
+
+def engine_run(model, tokenizer, prompts, targets, batch_size: int, device: str) -> dict[str, Any]:
+    """The engine with no stop token: each request makes exactly its target tokens."""
+    from cnqlora.engine import Engine, Request
+
+    engine = Engine(model, [], tokenizer.pad_token_id, max_batch=batch_size, kv_memory_fraction=0.8)
+    engine.generate([Request(prompts[0], 2)])  # warm-up
+    common.sync(device)
+    common.reset_peak(device)
+    start = time.perf_counter()
+    out = engine.generate([Request(p, t) for p, t in zip(prompts, targets)])
+    common.sync(device)
+    result = summary(time.perf_counter() - start, [len(o) for o in out], "ok")
+    result.update(peak_gib=gib(common.peak(device)), engine=dict(engine.last_stats))
+    assert [len(o) for o in out] == list(targets), "the engine did not make the forced lengths"
+    return result
+
+
+def hardware_limit(prompts, targets, batch: int, weight_bytes: float, params: float, peak_tflops: float,
+                   bandwidth: float) -> float:
+    """Sentences/s if prefill ran at the matmul peak and each decode step of `batch` rows read the
+    weights once at full bandwidth (KV reads and attention FLOPs not counted)."""
+    prefill = sum(map(len, prompts)) * 2 * params / (peak_tflops * 1e12)
+    steps = sum(t - 1 for t in targets) / batch  # the first token of each comes with its prefill
+    return len(prompts) / (prefill + steps * weight_bytes / bandwidth)
+
+
+def copy_bandwidth(n_bytes: int = 4 * 2**30) -> float:
+    """Bytes/s read + written by a device-to-device copy (median of 10)."""
+    a = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    rates = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        rates.append(2 * a.nbytes / (start.elapsed_time(end) / 1e3))
+    del a, b
+    torch.cuda.empty_cache()
+    return sorted(rates)[len(rates) // 2]
+
+
+QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                tie_word_embeddings=True)
+TINY_QWEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def build_qwen(tiny: bool, vocab_size: int, device: str, dtype, seed: int):
+    """A Qwen2.5-0.5B-shaped model (random weights, std 0.02) in 16-bit."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sizes = dict(TINY_QWEN, vocab_size=vocab_size) if tiny else dict(QWEN_05B)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with common.default_dtype(dtype), torch.device(device):
+        model = Qwen2ForCausalLM(Qwen2Config(**sizes))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def engine_suite(args) -> int:
+    """Seed loop, batched generate b64 (today's path before the engine) and the engine, per model form."""
+    phases, budget, device, report = common.begin(args)
+    results: dict[str, dict[str, Any]] = {}
+    report["paths"] = results
+    with phases("data"):
+        corpus, tokenizer_path, train_sentences = common.resolve_inputs(args)
+        tokenizer = common.load_tokenizer(tokenizer_path)
+        _, test = common.load_sentences(corpus, train_sentences)
+        records = common.to_records(test)
+        chosen = records[:args.records] if args.records else records
+        prompts = [encode_prompt(tokenizer, "baichuan", r["instruct"], r["query"]).ids for r in chosen]
+        reference = [len(tokenizer.encode(r["answer"], add_special_tokens=False)) + 1 for r in chosen]
+        fixed = [args.new_tokens] * len(chosen)
+        log(f"{len(chosen)} test sentences; prompts mean {sum(map(len, prompts)) / len(prompts):.1f} tokens; "
+            f"reference answers + EOS {min(reference)}-{max(reference)} tokens, mean "
+            f"{sum(reference) / len(reference):.1f}")
+    dtype = resolve_dtype("auto", device)
+    peak_tflops = bandwidth = None
+    if device == "cuda":
+        with phases("hardware"):
+            peak_tflops, bandwidth = common.matmul_peak_tflops(), copy_bandwidth()
+            log(f"measured: bf16 matmul {peak_tflops:.0f} TFLOP/s, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    report["hardware"] = {"matmul_tflops": peak_tflops, "copy_bytes_per_s": bandwidth}
+    hf_count = min(len(chosen), args.hf_records)
+
+    def measure(name: str, model, form: str, workload: str, path: str, batch: int) -> None:
+        targets = fixed if workload == "fixed" else reference
+        subset = hf_count if path == "generate" else len(chosen)
+
+        def go(_):
+            if path == "generate":
+                r = forced_batched(model, tokenizer, prompts[:subset], targets[:subset], batch,
+                                   time.perf_counter() + max(20.0, budget.left() / 6), device)
+            else:
+                r = engine_run(model, tokenizer, prompts[:subset], targets[:subset], batch, device)
+            r.update(form=form, workload=workload, path=path, batch=batch)
+            if peak_tflops:
+                weights = sum(common.weight_bytes(model))
+                params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+                n = r["sentences"]
+                r["limit_sentences_per_s"] = hardware_limit(prompts[:n], targets[:n], batch, weights, params,
+                                                            peak_tflops, bandwidth)
+                r["share_of_limit"] = r["sentences_per_s"] / r["limit_sentences_per_s"]
+            log(f"{name}: {r['sentences']} sentences in {r['seconds']:.1f}s: {r['sentences_per_s']:.1f} sent/s, "
+                f"{r['new_tokens_per_s']:,.0f} new tokens/s, peak {fmt(r.get('peak_gib'), 1)} GiB"
+                + (f", {100 * r['share_of_limit']:.0f}% of the limit" if "share_of_limit" in r else "")
+                + (f"; engine {r['engine']}" if "engine" in r else ""))
+            return r
+
+        if budget.allows(10.0, name):
+            with phases(name):
+                results[name] = common.guarded(go, device, retry_without_liger=False)
+
+    big = args.engine_batch
+    if args.shape == "qwen0.5b":
+        with phases("build"):
+            model = build_qwen(args.tiny, len(tokenizer), device, dtype, args.seed)
+        for workload in ("fixed", "reference"):
+            measure(f"generate-b64 {workload}", model, "bf16", workload, "generate", 64)
+            measure(f"engine {workload}", model, "bf16", workload, "engine", big)
+    else:
+        from cnqlora.models import LoraArgs, attach_lora
+
+        with phases("build NF4 model"):
+            model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device,
+                                       seed=args.seed, compute_dtype=dtype)
+            model.eval()
+            model.config.use_cache = True
+        with phases("seed loop"):
+            r = common.guarded(lambda _: seed_loop(model, tokenizer, records[:args.seed_records + 2],
+                                                   args.new_tokens, device, time.perf_counter() + 60), device,
+                               retry_without_liger=False)
+            r.update(form="nf4", workload="fixed", path="seed loop", batch=1)
+            results["seed-loop fixed"] = r
+        lora, _ = attach_lora(model, LoraArgs(lora_r=8))  # the training default: all-linear, r=8
+        lora.eval()
+        for workload in ("fixed", "reference"):
+            measure(f"generate-b64 nf4+lora {workload}", lora, "nf4+lora", workload, "generate", 64)
+            measure(f"engine nf4+lora {workload}", lora, "nf4+lora", workload, "engine", big)
+        model = lora.unload()
+        del lora
+        with phases("dequantise to a merged 16-bit model"):
+            common.dequantize_model(model, dtype)
+            common.free_memory(device)
+        for workload in ("fixed", "reference"):
+            measure(f"generate-b64 merged {workload}", model, "merged bf16", workload, "generate", 64)
+            measure(f"engine merged {workload}", model, "merged bf16", workload, "engine", big)
+    report["elapsed_s"] = common.elapsed()
+    common.write_json(args.json, report)
+    headers = ["path", "form", "workload", "batch", "sentences", "sent/s", "new tok/s", "peak GiB", "% of limit",
+               "status"]
+    rows = [[name, r.get("form"), r.get("workload"), r.get("batch"), r.get("sentences"),
+             fmt(r.get("sentences_per_s"), 1), fmt(r.get("new_tokens_per_s"), 0), fmt(r.get("peak_gib"), 1),
+             fmt(100 * r["share_of_limit"], 0) if "share_of_limit" in r else "n/a", r.get("status")]
+            for name, r in results.items()]
+    print(common.markdown_table(headers, rows))
+    return 1 if any(str(r.get("status", "")).startswith("error") for r in results.values()) else 0
+
+
 def summary(seconds: float, produced: list[int], status: str) -> dict[str, Any]:
     return {"status": status, "sentences": len(produced), "new_tokens": sum(produced), "seconds": seconds,
             "sentences_per_s": len(produced) / seconds, "new_tokens_per_s": sum(produced) / seconds,
@@ -134,6 +368,13 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=None, help="batched paths' batch size (default 64; --tiny 8)")
     parser.add_argument("--new_tokens", type=int, default=16, help="tokens generated per sentence, on every path")
     parser.add_argument("--skip_merged", action="store_true", help="do not time the merged 16-bit model")
+    parser.add_argument("--suite", choices=("classic", "engine"), default="classic",
+                        help="engine: the engine against generate on two workloads (see above)")
+    parser.add_argument("--shape", choices=("baichuan7b", "qwen0.5b"), default="baichuan7b",
+                        help="engine suite: the model shape (random weights)")
+    parser.add_argument("--engine_batch", type=int, default=256, help="engine suite: the engine's KV-cache slots")
+    parser.add_argument("--hf_records", type=int, default=1024,
+                        help="engine suite: sentences for the (slow) generate paths")
     common.add_common_args(parser, time_budget=420.0)
     args = parser.parse_args(argv)
     args.seed_records = args.seed_records if args.seed_records is not None else (4 if args.tiny else 32)
@@ -144,6 +385,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == "engine":
+        return engine_suite(args)
     phases, budget, device, report = common.begin(args)
     results: dict[str, dict[str, Any]] = {}
     report["paths"] = results

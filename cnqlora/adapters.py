@@ -624,7 +624,7 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
     an existing non-empty out_dir is replaced only when it holds a previous merge (MERGE_MARKER).
     """
     from .models import check_model_folder
-    from .training import atomic_dir
+    from .runs import atomic_dir
 
     if dtype not in MERGE_DTYPES:
         raise UserError(f"dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)} (the merged weights are stored "
@@ -775,7 +775,7 @@ def average_adapters(adapter_paths: list[str], out_dir: str, log: Callable[[str]
     like any adapter (merged, it costs nothing at inference). Weights are written in float32.
     No base model is needed; the written deltas are checked against the mean of the inputs'.
     """
-    from .training import atomic_dir
+    from .runs import atomic_dir
 
     if len(adapter_paths) < 2:
         raise UserError("averaging needs at least two adapter folders (comma-separated).")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a script's main(); a UserError becomes `error: ...` on stderr and its exit code."""
-    from .errors import UserError
+    from .errors import Stopped, UserError
 
     # Keep library chatter (tokenizers' fork warning, HF advisory messages) out of the user's way.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +22,10 @@ def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] 
         return main(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Stopped as e:
+        # 128 + the signal's number, as a shell reports a process ended by it: not a success.
+        print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,9 @@ Every command declares its options as one or more dataclasses whose fields carry
 (`opt(default, "help")`). `parse_options` reads, in increasing priority: the field defaults, a
 flat YAML file given with `--config FILE.yaml`, then `--name value` on the command line. A key that
 no field declares is an error, in YAML (reported with its line) and on the command line alike, so
-a typo never silently falls back to a default.
+a typo never silently falls back to a default. Options are never abbreviated: `--learning_rat`
+is an error that names `--learning_rate`, not a quiet synonym for it (a prefix that is unique
+today becomes ambiguous, or means another option, as soon as an option is added).
 """
 
 from __future__ import annotations
@@ -137,6 +139,45 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _closest_flag(flag: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(flag, known, n=1)
+    if close:
+        return close[0]
+    # Abbreviations used to be accepted, so an old command line may hold one: name what it meant.
+    longer = [k for k in known if k.startswith(flag)]
+    return longer[0] if len(longer) == 1 else None
+
+
+def _unknown_argument(extra: list[str], known: list[str], prog: str) -> UserError:
+    """The error for what argparse could not place: the first unknown --option, else a stray value."""
+    flag = next((a for a in extra if a.startswith("-")), None)
+    if flag is None:
+        return UserError(f"unexpected argument {extra[0]!r}; options are written --name value "
+                         f"(run {prog} --help for the list).")
+    flag = flag.split("=", 1)[0]
+    close = _closest_flag(flag, known)
+    hint = f"did you mean {close}?" if close else f"run {prog} --help for the list of options."
+    return UserError(f"unknown option {flag}; {hint}")
+
+
+def _argument_error(error: argparse.ArgumentError, argv: list[str]) -> UserError:
+    """argparse's complaint about one option's value, named by the flag the user typed."""
+    flags = (error.argument_name or "").split("/")
+    typed = next((f for f in reversed(argv) if f.split("=", 1)[0] in flags), flags[0])
+    typed = typed.split("=", 1)[0]
+    if error.message.startswith("expected one argument"):
+        after = argv[argv.index(typed) + 1:argv.index(typed) + 2] if typed in argv else []
+        hint = f" (write {typed}=VALUE for a value that starts with -)" if after and after[0].startswith("-") else ""
+        return UserError(f"{typed} needs a value{hint}.")
+    return UserError(f"{typed}: {error.message}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        # argparse would print its usage text and exit; one line the user can act on is enough.
+        raise UserError(message)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34, width=100)
@@ -151,9 +192,9 @@ def _str_to_bool(value: str) -> bool:
 
 
 def build_parser(sections: list[type], prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description, formatter_class=_HelpFormatter, argument_default=argparse.SUPPRESS,
-        usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]",
+        usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]", allow_abbrev=False, exit_on_error=False,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; the command line overrides it")
     for cls in sections:
@@ -174,6 +215,7 @@ def build_parser(sections: list[type], prog: str, description: str) -> argparse.
                 group.add_argument(*flags, dest=f.name, nargs="?", const=True, type=_str_to_bool, metavar="BOOL", help=help_text)
             else:
                 group.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=help_text)
+    parser.flags = sorted(flag for action in parser._actions for flag in action.option_strings)
     return parser
 
 
@@ -189,9 +231,14 @@ def parse_options(sections: list[type], argv: list[str] | None = None, prog: str
     """
     prog = prog or sys.argv[0]
     parser = build_parser(sections, prog, description)
-    # argparse exits with status 2 and a usage line on unknown or malformed flags: that is
-    # already the actionable message we want.
-    args = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        namespace, extra = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise _argument_error(e, argv) from None
+    if extra:
+        raise _unknown_argument(extra, parser.flags, prog)
+    args = vars(namespace)
     config_path = args.pop("config", None) or config_file
 
     fields = {f.name: (cls, f, tp) for cls in sections for f, tp in _resolved_fields(cls)}
@@ -217,9 +264,9 @@ def parse_options(sections: list[type], argv: list[str] | None = None, prog: str
     for key, value in args.items():
         _, f, tp = fields[key]
         try:
-            values[key] = convert_value(key, value, tp, f.metadata.get("choices"))
+            values[key] = convert_value(f"--{key}", value, tp, f.metadata.get("choices"))
         except ValueError as e:
-            raise UserError(f"--{key}: {e}") from None
+            raise UserError(str(e)) from None
 
     out = []
     for cls in sections:

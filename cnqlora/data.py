@@ -9,6 +9,11 @@ the same special-token handling; the seed built it one way for training and anot
 prediction. A training sample is `prompt + answer + EOS` with the loss on `answer + EOS` only.
 When a sample is too long the query is shortened, never the answer or its EOS: an answer that
 has lost its end teaches the model to never stop.
+
+Text from the data or typed by the user never becomes a control token: a literal `</s>` or
+`<|im_end|>` in it is tokenised as ordinary characters. Otherwise one such string in a record
+would end the sample early, or let a user forge the template's turns. Only the template's own
+markers and the BOS/EOS the code adds are control tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -93,9 +99,70 @@ def first_text(lines: Iterable[tuple[int, str | None, str | None]]) -> str:
     return next((text.lstrip() for _, text, _ in lines if text is not None and text.strip()), "")
 
 
+class _Decoder(json.JSONDecoder):
+    """json's decoder, noting numbers too long for int() instead of failing on them.
+
+    A 5,000-digit number would otherwise raise a plain ValueError (Python's int string-conversion
+    limit) that ends the whole array; noted, the item can still be skipped and the rest read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(parse_int=self._int)
+        self.long_numbers: list[int] = []
+
+    def _int(self, digits: str) -> int:
+        try:
+            return int(digits)
+        except ValueError:
+            self.long_numbers.append(len(digits.lstrip("-")))
+            return 0
+
+    def number_error(self) -> str | None:
+        if not self.long_numbers:
+            return None
+        longest = max(self.long_numbers)
+        self.long_numbers.clear()
+        limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+        return (f"a number with {longest:,} digits, more than the {limit:,} Python can read; "
+                "put it in quotes to make it a string, or remove it")
+
+
+def _nesting(text: str, start: int) -> tuple[int, int | None]:
+    """(deepest nesting, end offset or None when unbalanced) of the JSON value at `start`.
+
+    Only run after the decoder has given up on a value for nesting too deep (RecursionError), to
+    say how deep and to find where the value ends so that the next one can still be read.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+            if depth <= 0:
+                return deepest, i + 1
+    return deepest, None
+
+
+def _too_deep(deepest: int) -> str:
+    return f"lists/objects nested {deepest:,} levels deep, more than the JSON reader allows"
+
+
 def _json_array_items(path: str, text: str) -> Iterator[tuple[int, Any, str | None]]:
     """Items of a JSON array with the line each starts on, so errors can name a line."""
-    decoder = json.JSONDecoder()
+    decoder = _Decoder()
     pos = text.index("[") + 1
 
     def line_of(offset: int) -> int:
@@ -116,7 +183,17 @@ def _json_array_items(path: str, text: str) -> Iterator[tuple[int, Any, str | No
         except json.JSONDecodeError as e:
             yield line_of(e.pos), None, f"invalid JSON in the array ({e.msg}); the rest of the file cannot be read"
             return
-        yield line_of(pos), item, None
+        except RecursionError:
+            decoder.long_numbers.clear()
+            deepest, end = _nesting(text, pos)
+            if end is None:
+                yield line_of(pos), None, (f"invalid JSON in the array: {_too_deep(deepest)} and never closed; "
+                                           "the rest of the file cannot be read")
+                return
+            yield line_of(pos), None, f"{_too_deep(deepest)}; a record is one object of strings"
+        else:
+            number_error = decoder.number_error()
+            yield line_of(pos), (None if number_error else item), number_error
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos += 1
@@ -145,8 +222,44 @@ def _check_record(obj: Any, columns: Columns, require_answer: bool) -> tuple[dic
             return None, f"'{column}' must be a string, got {type(value).__name__} {json.dumps(value, ensure_ascii=False)[:40]}"
         if required and not value.strip():
             return None, f"'{column}' is empty"
+        problem = _unicode_problem(value)
+        if problem is None and key == "answer" and value.strip():
+            problem = _only_control_text(value)
+        if problem:
+            return None, f"'{column}' {problem}"
         out[key] = value
     return out, None
+
+
+def is_valid_unicode(value: str) -> bool:
+    return _unicode_problem(value) is None
+
+
+def _unicode_problem(value: str) -> str | None:
+    # json.loads accepts a lone \ud800 escape; the tokenizer only fails on it much later, mid-run.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"is not valid Unicode: character {e.start + 1} is a lone surrogate \\u{ord(value[e.start]):04x} "
+                "(half of a UTF-16 pair); fix that \\u escape in the file (a character above U+FFFF is written "
+                "as a pair like \\ud83d\\ude00) or write the character itself in UTF-8")
+    return None
+
+
+# How the common tokenizer families spell their control tokens: SentencePiece, ChatML / GPT /
+# Llama 3, BERT, Gemma, Baichuan2. Records are checked before any tokenizer is loaded, so the
+# answer check below cannot ask the tokenizer itself.
+_CONTROL_TEXT = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[(?:PAD|UNK|CLS|SEP|MASK)\]"
+                           r"|<(?:unk|pad|bos|eos|eod|mask|reserved_\d+|start_of_turn|end_of_turn)>")
+
+
+def _only_control_text(value: str) -> str | None:
+    if _CONTROL_TEXT.sub("", value).strip():
+        return None
+    found = ", ".join(dict.fromkeys(_CONTROL_TEXT.findall(value)))
+    return (f"has nothing but special-token text ({found}); it is read as ordinary characters, not as a "
+            "control token, so the model would learn to write it. Write the answer itself: the end-of-"
+            "sequence token is added after every answer")
 
 
 def read_records(path: str, columns: Columns | None = None, require_answer: bool = True,
@@ -179,6 +292,7 @@ def read_records(path: str, columns: Columns | None = None, require_answer: bool
 
 
 def _jsonl_items(lines: list[tuple[int, str | None, str | None]]) -> Iterator[tuple[int, Any, str | None]]:
+    decoder = _Decoder()
     for number, text, error in lines:
         if error is not None:
             yield number, None, error
@@ -186,9 +300,15 @@ def _jsonl_items(lines: list[tuple[int, str | None, str | None]]) -> Iterator[tu
         if not text.strip():
             continue
         try:
-            yield number, json.loads(text), None
+            obj = decoder.decode(text)
         except json.JSONDecodeError as e:
             yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
+        except RecursionError:
+            decoder.long_numbers.clear()
+            yield number, None, f"{_too_deep(_nesting(text, 0)[0])}; a record is one object of strings"
+        else:
+            number_error = decoder.number_error()
+            yield number, (None if number_error else obj), number_error
 
 
 def _to_stderr(message: str) -> None:
@@ -257,23 +377,74 @@ def _chat_frame(tokenizer: Any) -> tuple[str, str]:
     return cache
 
 
-def prompt_segments(tokenizer: Any, template: str, instruct: str, query: str) -> tuple[str, str, str]:
-    """The prompt as (text before the query, the query, text after it)."""
+Parts = list[tuple[str, bool]]  # (text, whether it comes from the data or the user)
+
+
+def prompt_segments(tokenizer: Any, template: str, instruct: str, query: str) -> tuple[Parts, str, str]:
+    """The prompt as (the parts before the query, the query, the template text after it)."""
     if template == "baichuan":
         # The seed's format: "Human: \n{instruct}\n{query}\n\nAssistant: \n".
-        return "Human: \n" + instruct + ("\n" if query else ""), query, "\n\nAssistant: \n"
+        return [("Human: \n", False), (instruct, True), ("\n" if query else "", False)], query, "\n\nAssistant: \n"
     if template == "alpaca":
         if query:
-            return _ALPACA_HEAD + "### Instruction:\n" + instruct + "\n\n### Input:\n", query, "\n\n### Response:\n"
-        return _ALPACA_HEAD_NO_INPUT + "### Instruction:\n" + instruct, "", "\n\n### Response:\n"
+            head = [(_ALPACA_HEAD + "### Instruction:\n", False), (instruct, True), ("\n\n### Input:\n", False)]
+            return head, query, "\n\n### Response:\n"
+        return [(_ALPACA_HEAD_NO_INPUT + "### Instruction:\n", False), (instruct, True)], "", "\n\n### Response:\n"
     if template == "chat":
         before, after = _chat_frame(tokenizer)
-        return before + instruct + ("\n" if query else ""), query, after
+        return [(before, False), (instruct, True), ("\n" if query else "", False)], query, after
     raise ValueError(f"template {template!r} must be resolved first")
 
 
+def _control_tokens(tokenizer: Any) -> re.Pattern | None:
+    """Matches the strings this tokenizer reads as control tokens; None when it has none."""
+    key = (len(tokenizer), tuple(tokenizer.all_special_tokens))
+    cached = getattr(tokenizer, "_cnqlora_control_tokens", None)
+    if cached is None or cached[0] != key:
+        names = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(key[1])
+        names.discard("")
+        # longest first, so that a token containing another is matched whole
+        pattern = re.compile("|".join(map(re.escape, sorted(names, key=len, reverse=True)))) if names else None
+        cached = (key, pattern)
+        tokenizer._cnqlora_control_tokens = cached
+    return cached[1]
+
+
+def _encode_parts(tokenizer: Any, parts: Parts) -> list[int]:
+    """Ids of the parts joined; a control-token string is a control token only where the template wrote it.
+
+    Text is encoded whole, as the tokenizer always did, unless data or user text holds such a
+    string: then each of those occurrences alone is encoded with special-token parsing off, so it
+    becomes ordinary pieces, and the text around it as before. Encoding the whole string with
+    parsing off would be simpler but would also turn the template's own markers into text.
+    """
+    text = "".join(t for t, _ in parts)
+    if not text:
+        return []
+    pattern = _control_tokens(tokenizer) if any(user and t for t, user in parts) else None
+    if pattern is None or not pattern.search(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    user_spans, offset = [], 0
+    for part, user in parts:
+        if user:
+            user_spans.append((offset, offset + len(part)))
+        offset += len(part)
+    ids, done = [], 0
+    for match in pattern.finditer(text):
+        if not any(start < match.end() and match.start() < end for start, end in user_spans):
+            continue  # the template's own marker
+        if match.start() > done:
+            ids += tokenizer.encode(text[done:match.start()], add_special_tokens=False)
+        ids += tokenizer.encode(match.group(), add_special_tokens=False, split_special_tokens=True)
+        done = match.end()
+    if done < len(text):
+        ids += tokenizer.encode(text[done:], add_special_tokens=False)
+    return ids
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
+    """Data or user text: never control tokens."""
+    return _encode_parts(tokenizer, [(text, True)])
 
 
 def _bos(tokenizer: Any, template: str) -> list[int]:
@@ -305,7 +476,8 @@ def encode_prompt(tokenizer: Any, template: str, instruct: str, query: str = "",
     before, query, after = prompt_segments(tokenizer, template, instruct, query)
     query_ids = _encode(tokenizer, query)
     kept = query_ids if max_query_tokens is None else query_ids[:max(0, max_query_tokens)]
-    ids = _bos(tokenizer, template) + _encode(tokenizer, before) + kept + _encode(tokenizer, after)
+    ids = (_bos(tokenizer, template) + _encode_parts(tokenizer, before) + kept
+           + _encode_parts(tokenizer, [(after, False)]))
     return EncodedPrompt(ids, len(query_ids), len(kept))
 
 
@@ -324,7 +496,7 @@ class EncodedSample:
 
 
 def encode_sample(tokenizer: Any, template: str, record: dict[str, str], max_seq_len: int) -> EncodedSample | None:
-    """prompt + answer + EOS with labels on answer + EOS; None when the answer alone cannot fit."""
+    """prompt + answer + EOS with labels on answer + EOS; None when it cannot fit even with no query."""
     answer = _encode(tokenizer, record["answer"]) + [eos_id(tokenizer)]
     prompt = encode_prompt(tokenizer, template, record["instruct"], record["query"])
     shortened = False
@@ -352,12 +524,20 @@ class LengthStats:
     max: int
     labelled_mean: float
     labelled_max: int = 0  # answer + EOS: how many new tokens generation must allow
+    # of `dropped`, those whose answer + EOS fits alone but not after the instruction and template
+    dropped_for_prompt: int = 0
 
     def describe(self, name: str, max_seq_len: int) -> str:
+        reasons = []
+        if self.dropped > self.dropped_for_prompt:
+            reasons.append(f"{self.dropped - self.dropped_for_prompt:,} with answer + EOS longer than {max_seq_len}")
+        if self.dropped_for_prompt:
+            reasons.append(f"{self.dropped_for_prompt:,} with instruction + template + answer + EOS longer than "
+                           f"{max_seq_len}, the query cut to nothing")
         return (f"{name}: {self.records:,} records -> {self.samples:,} samples; tokens/sample mean {self.mean:.1f}, "
                 f"p95 {self.p95}, max {self.max} (labelled mean {self.labelled_mean:.1f}, max {self.labelled_max}); "
                 f"{self.shortened:,} shortened (query cut to fit {max_seq_len}), "
-                f"{self.dropped:,} dropped (answer + EOS longer than {max_seq_len})")
+                f"{self.dropped:,} dropped" + (f" ({'; '.join(reasons)})" if reasons else ""))
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -381,6 +561,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# Part of the cache key: caches written before control-token strings in the data were encoded as
+# text (1) must not be reused.
+_ENCODING_VERSION = 2
+
+
 def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: str, max_seq_len: int,
                      cache_dir: str | None = None):
     """A `datasets.Dataset` of input_ids/labels (cached on disk when cache_dir is set) and its stats."""
@@ -389,14 +574,17 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: st
     datasets.disable_progress_bars()
     content = hashlib.sha256(json.dumps([(r["instruct"], r["query"], r["answer"]) for r in records],
                                         ensure_ascii=False).encode()).hexdigest()[:16]
-    fingerprint = f"{content}-{tokenizer_fingerprint(tokenizer)}-{template}-{max_seq_len}"
+    fingerprint = f"{content}-{tokenizer_fingerprint(tokenizer)}-{template}-{max_seq_len}-{_ENCODING_VERSION}"
     raw = datasets.Dataset.from_list([{k: r[k] for k in ("instruct", "query", "answer")} for r in records])
 
     def encode(row: dict[str, str]) -> dict[str, Any]:
         sample = encode_sample(tokenizer, template, row, max_seq_len)
         if sample is None:
-            return {"input_ids": [], "labels": [], "shortened": False, "dropped": True}
-        return {"input_ids": sample.input_ids, "labels": sample.labels, "shortened": sample.shortened, "dropped": False}
+            # Only the query is ever cut, so either the answer + EOS cannot fit, or it can but not
+            # after the instruction and the template.
+            answer_fits = len(_encode(tokenizer, row["answer"])) + 1 <= max_seq_len
+            return {"input_ids": [], "labels": [], "shortened": False, "dropped": "prompt" if answer_fits else "answer"}
+        return {"input_ids": sample.input_ids, "labels": sample.labels, "shortened": sample.shortened, "dropped": ""}
 
     cache_file = None
     if cache_dir:
@@ -404,7 +592,8 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: st
         cache_file = os.path.join(cache_dir, f"tokenized-{fingerprint}.arrow")
     encoded = raw.map(encode, remove_columns=raw.column_names, cache_file_name=cache_file,
                       new_fingerprint=fingerprint, load_from_cache_file=cache_file is not None)
-    dropped = sum(encoded["dropped"])
+    reasons = list(encoded["dropped"])
+    dropped = sum(1 for r in reasons if r)
     shortened = sum(encoded["shortened"])
     kept = encoded.filter(lambda d: not d, input_columns="dropped", keep_in_memory=True)
     kept = kept.remove_columns(["shortened", "dropped"])
@@ -414,5 +603,6 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, template: st
         records=len(records), samples=len(lengths), shortened=shortened, dropped=dropped,
         mean=sum(lengths) / max(1, len(lengths)), p95=_percentile(lengths, 0.95), max=lengths[-1] if lengths else 0,
         labelled_mean=sum(labelled) / max(1, len(labelled)), labelled_max=max(labelled, default=0),
+        dropped_for_prompt=reasons.count("prompt"),
     )
     return kept, stats

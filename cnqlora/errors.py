@@ -9,3 +9,11 @@ class UserError(Exception):
     """A problem with the user's input (files, options, model folders) and what to do about it."""
 
     exit_code = 2
+
+
+class Stopped(Exception):
+    """The run stopped on request (a signal) after saving what it needs to continue."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

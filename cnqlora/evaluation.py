@@ -2,7 +2,7 @@
 
 The dev loss says how well the model predicts the reference tokens; what a user cares about is
 whether the generated answers are right. Every `eval_f1_steps` the model answers a fixed sample
-of dev records with the same batched greedy decoding as predict.py, `metrics.ner_metrics`
+of dev records with the same greedy decoding as predict.py (the engine), `metrics.ner_metrics`
 scores them, and the adapter with the best dev F1 so far is kept in `<run>/best_adapter`.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .data import encode_prompt
-from .generation import GenerationArgs, generate_batch, length_sorted_batches
+from .generation import GenerationArgs, answer_many
 from .grounded import allowed_types_from_answers, ner_text_from_query
 from .metrics import ner_metrics
 
@@ -43,17 +43,11 @@ class DevNerEvaluator:
     def __call__(self, model) -> dict[str, Any]:
         was_training = model.training
         model.eval()
-        outputs: dict[int, str] = {}
         try:
-            for window in length_sorted_batches([len(p) for p in self.prompts], self.gen.batch_size,
-                                                window=len(self.prompts)):
-                for batch in window:
-                    outputs.update(zip(batch, generate_batch(model, self.tokenizer, [self.prompts[i] for i in batch],
-                                                             self.gen)))
+            predictions = answer_many(model, self.tokenizer, self.prompts, self.gen)
         finally:
             if was_training:
                 model.train()
-        predictions = [outputs[i] for i in range(len(self.records))]
         return score_answers(predictions, [r["answer"] for r in self.records],
                              [(r["instruct"], r["query"]) for r in self.records], self.types)
 

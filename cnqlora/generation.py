@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .config import opt
+from .errors import UserError
 
 
 @dataclass
@@ -22,7 +23,11 @@ class GenerationArgs:
     """Generation"""
 
     max_new_tokens: int = opt(128, "longest answer in tokens (MSRA answers: ~11 on average)")
-    batch_size: int = opt(32, "prompts decoded together in file mode")
+    batch_size: int = opt(128, "prompts decoded together in file mode (engine: KV-cache slots, fewer when GPU "
+                          "memory is short)")
+    engine: str = opt("auto", "auto: the continuous-batching engine (cnqlora.engine) for the models it supports "
+                      "(LLaMA, Qwen2, Mistral, Baichuan-7B), transformers' generate for others and with "
+                      "--repetition_penalty; hf: always transformers' generate", choices=("auto", "hf"))
     do_sample: bool = opt(False, "sample instead of greedy decoding")
     temperature: float = opt(0.2, "sampling temperature (with --do_sample)")
     top_k: int = opt(40, "sample among the k most likely tokens (with --do_sample)")
@@ -30,6 +35,23 @@ class GenerationArgs:
     repetition_penalty: float = opt(1.0, "1.0 = off; >1 discourages repeating tokens (it also discourages copying "
                                     "entities from the input)")
     seed: int = opt(42, "random seed for sampling")
+
+    def validate(self) -> None:
+        # Checked before any model loads: a zero batch size used to crash after loading, and a
+        # negative one made zero batches, i.e. an empty predictions file and exit status 0.
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1.")
+        if self.top_k < 0:
+            raise UserError("--top_k must be at least 0 (0: no top-k limit).")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be greater than 0 and at most 1, got {self.top_p:g}.")
+        if not self.temperature >= 0 or (self.do_sample and self.temperature == 0):
+            raise UserError(f"--temperature must be greater than 0, got {self.temperature:g} (greedy decoding, "
+                            "the default without --do_sample, needs no temperature).")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition_penalty must be greater than 0, got {self.repetition_penalty:g} "
+                            "(1.0 = off).")
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -142,6 +164,69 @@ def generate_batch(model, tokenizer, prompts: Sequence[Sequence[int]], args: Gen
     """Answers for a batch of prompt ids."""
     rows = generate_ids(model, tokenizer, prompts, args, logits_processor_factory, streamer)
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def engine_reason(model, args: GenerationArgs) -> str | None:
+    """Why answer_many uses model.generate instead of the engine (None: it uses the engine)."""
+    from .engine import supported
+
+    if args.engine == "hf":
+        return "--engine hf"
+    if args.repetition_penalty != 1.0:
+        return "--repetition_penalty is done by transformers' generate only"
+    return supported(model)
+
+
+def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: GenerationArgs,
+                constraints: Sequence[Any] | None = None, on_answer: Callable[[int, str], None] | None = None,
+                on_token: Callable[[int, int], None] | None = None, grounded_factory=None) -> list[str]:
+    """Answers to many prompts: through the engine when it can run the model, else batched generate.
+
+    This is the one way prediction files, chat, the dev F1 and the server decode. `on_answer(i, text)`
+    is called as each answer is done (in no fixed order with the engine); `on_token(i, id)` streams.
+    Grounded decoding comes as `constraints` (one grounded.GroundedAnswer per prompt) for the engine
+    and as `grounded_factory(indices)` (a logits_processor_factory for those prompts) for generate.
+    """
+    answers: list[str | None] = [None] * len(prompts)
+    if engine_reason(model, args) is None:
+        from .engine import Engine, Request, Sampling
+
+        engine = Engine(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, max_batch=args.batch_size,
+                        sampling=Sampling(args.do_sample, args.temperature, args.top_k, args.top_p))
+        requests = [Request(p, args.max_new_tokens, constraints[i] if constraints else None)
+                    for i, p in enumerate(prompts)]
+        for index, tokens in engine.run(requests, on_token):
+            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+            if on_answer is not None:
+                on_answer(index, answers[index])
+        return answers  # type: ignore[return-value]
+    for window in length_sorted_batches([len(p) for p in prompts], args.batch_size, window=len(prompts)):
+        for batch in window:
+            factory = grounded_factory(batch) if grounded_factory is not None else None
+            streamer = _IndexedStream(batch[0], on_token) if on_token is not None and len(batch) == 1 else None
+            for index, text in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], args,
+                                                         factory, streamer)):
+                answers[index] = text
+                if on_answer is not None:
+                    on_answer(index, text)
+    return answers  # type: ignore[return-value]
+
+
+class _IndexedStream:
+    """A generate() streamer that hands new token ids to an engine-style on_token(index, id)."""
+
+    def __init__(self, index: int, on_token: Callable[[int, int], None]) -> None:
+        self.index, self.on_token, self.prompt_seen = index, on_token, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first passes the whole prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(self.index, token)
+
+    def end(self) -> None:
+        pass
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, window: int) -> Iterator[list[list[int]]]:

@@ -834,25 +834,10 @@ class GroundedNerLogitsProcessor(LogitsProcessor):
 
     def _advance(self, row: int, tokens: list[int]) -> None:
         state = self._states[row]
-        grounded = self._rows[row]
         for tid in tokens:
             if state == _DONE:
                 break  # generate() pads finished rows; nothing to check
-            if tid in self._eos_set:
-                if not grounded.grammar.accepting[state]:
-                    raise RuntimeError(
-                        f"row {row}: EOS outside a complete answer; was the mask overridden?"
-                    )
-                state = _DONE
-                continue
-            data = self.trie.table[tid] if 0 <= tid < len(self.trie.table) else None
-            nxt = grounded.grammar.feed(state, data) if data else -1
-            if nxt < 0:
-                raise RuntimeError(
-                    f"row {row}: token {tid} ({data!r}) breaks the answer grammar; "
-                    "was the mask overridden by a later logits processor, or is this beam search?"
-                )
-            state = nxt
+            state = _next_state(self._rows[row], self.trie, self._eos_set, state, tid, f"row {row}")
         self._states[row] = state
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -904,20 +889,9 @@ class GroundedNerLogitsProcessor(LogitsProcessor):
         columns: list[torch.Tensor] = []
         counts: list[int] = []
         for row, state in enumerate(self._states):
-            if state == _DONE or left <= 0:
-                columns.append(eos)
-                counts.append(len(eos))
-                continue
-            grounded = self._rows[row]
-            ids, dists = grounded.allowed(state, vocab)
-            # After this token: dist units to an accepting state, then EOS, within left - 1 tokens.
-            cut = bisect.bisect_right(dists, left - 2)
-            columns.append(ids[:cut])
-            count = cut
-            if grounded.grammar.accepting[state]:
-                columns.append(eos)
-                count += len(eos)
-            counts.append(count)
+            allowed = _allowed_tokens(self._rows[row], state, left, vocab, eos)
+            columns.append(allowed)
+            counts.append(len(allowed))
         cols = torch.cat(columns)
         index = torch.stack(
             (torch.repeat_interleave(torch.arange(rows), torch.tensor(counts)), cols)
@@ -926,6 +900,73 @@ class GroundedNerLogitsProcessor(LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         out[index[0], index[1]] = scores[index[0], index[1]]
         return out
+
+
+def _next_state(grounded: _GroundedText, trie: TokenTrie, eos: frozenset[int], state: int, tid: int,
+                where: str) -> int:
+    """The grammar state after token `tid`; _DONE after EOS. A token the mask forbade is a bug: raised."""
+    if tid in eos:
+        if not grounded.grammar.accepting[state]:
+            raise RuntimeError(f"{where}: EOS outside a complete answer; was the mask overridden?")
+        return _DONE
+    data = trie.table[tid] if 0 <= tid < len(trie.table) else None
+    nxt = grounded.grammar.feed(state, data) if data else -1
+    if nxt < 0:
+        raise RuntimeError(
+            f"{where}: token {tid} ({data!r}) breaks the answer grammar; "
+            "was the mask overridden by a later logits processor, or is this beam search?"
+        )
+    return nxt
+
+
+def _allowed_tokens(grounded: _GroundedText, state: int, left: int, vocab: int, eos: torch.Tensor) -> torch.Tensor:
+    """Token ids allowed from `state` with `left` tokens to come (this one included)."""
+    if state == _DONE or left <= 0:
+        return eos
+    ids, dists = grounded.allowed(state, vocab)
+    # After this token: dist units to an accepting state, then EOS, within left - 1 tokens.
+    cut = bisect.bisect_right(dists, left - 2)
+    if grounded.grammar.accepting[state]:
+        return torch.cat((ids[:cut], eos))
+    return ids[:cut]
+
+
+class GroundedAnswer:
+    """The grounded-decoding state of one answer, for the engine, which decodes rows independently.
+
+    The same grammar, budget and masks as GroundedNerLogitsProcessor, per request instead of per
+    batch: `allowed(generated, vocab)` gives the token ids the next token may take and
+    `advance(token)` moves past the chosen one.
+    """
+
+    def __init__(self, tokenizer, text: str, types: Sequence[str], max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, shared: dict | None = None):
+        # `shared` holds one processor-like context per (tokenizer, types): building the grammar of
+        # a text is per request, the token trie and checks are not.
+        key = (id(tokenizer), tuple(types), max_new_tokens,
+               tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id)
+        context = shared.get(key) if shared is not None else None
+        if context is None:
+            context = GroundedNerLogitsProcessor(tokenizer, texts=[text], types=types, prompt_length=0,
+                                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+            if shared is not None:
+                shared[key] = context
+        self.trie, self.eos_set = context.trie, context._eos_set
+        self.eos = torch.tensor(context.eos_ids, dtype=torch.long)
+        self.text = _GroundedText(text, context.types, context.trie, context._eos_set)
+        if self.text.dist[self.text.grammar.start] + 1 > max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a guaranteed well-formed answer: "
+                             f"this text needs at least {self.text.dist[self.text.grammar.start] + 1}")
+        self.max_new_tokens = max_new_tokens
+        self.state = self.text.grammar.start
+
+    def allowed(self, generated: int, vocab: int) -> torch.Tensor:
+        eos = self.eos[self.eos < vocab]
+        return _allowed_tokens(self.text, self.state, self.max_new_tokens - generated, vocab, eos)
+
+    def advance(self, token: int) -> None:
+        if self.state != _DONE:
+            self.state = _next_state(self.text, self.trie, self.eos_set, self.state, int(token), "grounded answer")
 
 
 def grounded_processor_factory(

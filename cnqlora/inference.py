@@ -1,8 +1,16 @@
 """Prediction: interactive chat, file runs with resume and metrics, adapter merge.
 
-File runs write one JSON line per input record, in input order, flushed after every window of
+File runs write one JSON line per predicted record, in input order, flushed after every window of
 batches: an interrupted run keeps what it finished, and `--resume` continues after the last
-complete line (after checking that those lines belong to this data file).
+complete line (after checking that those lines belong to this data file). Each prediction
+carries `line`: where its record starts in the data file.
+
+With `--skip_bad_lines` a bad record gets no prediction line at all, rather than a placeholder:
+the scorers (score_predictions, bench/ner_errors.py, bench/ner_vote.py) read every line as a
+prediction with an output, and a placeholder would be scored as an empty answer or refused.
+The predictions are then those of the good records in order, `line` says which record each
+one is, and --resume counts finished lines among the good records, which is the same list as
+long as the data file is unchanged (and it checks that it is).
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ from typing import Any, TextIO
 
 from .adapters import MERGE_DTYPES
 from .config import opt
-from .data import (PromptArgs, encode_prompt, encode_text, first_text, load_records, read_records, resolve_template,
-                   utf8_lines)
+from .data import (MAX_REPORTED_ERRORS, BadRecord, PromptArgs, encode_prompt, encode_text, first_text, is_valid_unicode,
+                   read_records, resolve_template, utf8_lines)
 from .errors import UserError
-from .generation import GenerationArgs, TextStream, generate_batch, length_sorted_batches
+from .generation import GenerationArgs, TextStream, answer_many
 from .models import ModelArgs
 
 
@@ -40,6 +48,8 @@ class PredictArgs:
     metrics_file: str | None = opt(None, "where to write metrics (JSON) when references exist; default: "
                                    "<predictions_file>.metrics.json")
     resume: bool = opt(False, "keep the finished lines of predictions_file and continue after them")
+    skip_bad_lines: bool = opt(False, "predict the good records of a --data_file with bad ones (they are listed "
+                               "and get no prediction line; each line's `line` names its record)")
     limit: int | None = opt(None, "predict only the first N records")
     types: list[str] = opt([], "entity types for metrics and grounded decoding; default: those of the references")
     grounded: bool = opt(False, "constrain answers to 没有 or `entity_type` lines whose entities occur in the "
@@ -62,8 +72,12 @@ class PredictArgs:
             self.query_prefix = self.query_prefix or QUERY_PREFIX
         if self.interactive and self.data_file:
             raise UserError("choose one of --interactive and --data_file.")
-        if self.resume and not self.data_file:
-            raise UserError("--resume needs --data_file.")
+        for name in ("resume", "skip_bad_lines"):
+            if getattr(self, name) and not self.data_file:
+                raise UserError(f"--{name} needs --data_file.")
+        if self.limit is not None and self.limit < 1:
+            # items[:0] used to mean every record and items[:-1] all but the last
+            raise UserError("--limit must be at least 1 (leave it out to predict every record).")
         if bool(self.average_adapters) != bool(self.average_to):
             raise UserError("--average_adapters A,B,... and --average_to DIR go together: the adapters to average "
                             "and the folder for their mean.")
@@ -127,29 +141,62 @@ class Item:
     instruct: str
     query: str
     reference: str | None
+    line: int | None = None  # where the record starts in the data file
 
 
 def read_inputs(path: str, prompt_args: PromptArgs, args: PredictArgs) -> list[Item]:
     """JSON Lines records (answer optional) or plain text lines, validated before the model loads."""
     lines = list(utf8_lines(path))
     if first_text(lines).startswith(("{", "[")):
-        records = load_records(path, prompt_args.columns, require_answer=False, lines=lines)
-        return [Item(r["instruct"], r["query"], r["answer"] or None) for r in records]
-    items = []
-    for number, text, error in lines:
-        if error:
-            raise UserError(f"{path}:{number}: {error}")
-        if text.strip():
-            items.append(_typed_item(text.strip(), args))
+        result = read_records(path, prompt_args.columns, require_answer=False, lines=lines)
+        items = [Item(r["instruct"], r["query"], r["answer"] or None, r["line"]) for r in result.records]
+        bad = result.bad
+    else:
+        items, bad = [], []
+        for number, text, error in lines:
+            if error:
+                bad.append(BadRecord(number, error))
+            elif text.strip():
+                items.append(_typed_item(text.strip(), args, number))
+    if bad:
+        _report_bad_records(path, bad, len(items), args.skip_bad_lines)
     if not items:
-        raise UserError(f"{path}: no input lines.")
+        raise UserError(f"{path}: no input lines." if not bad else f"{path}: no usable records.")
     return items
 
 
-def _typed_item(text: str, args: PredictArgs) -> Item:
+def _report_bad_records(path: str, bad: list[BadRecord], kept: int, skip: bool) -> None:
+    # data.load_records words its advice for training; prediction lists them the same way, in its own words.
+    for record in bad[:MAX_REPORTED_ERRORS]:
+        print(f"{path}:{record.line}: {record.reason}", file=sys.stderr)
+    if len(bad) > MAX_REPORTED_ERRORS:
+        print(f"{path}: ... and {len(bad) - MAX_REPORTED_ERRORS} more bad records", file=sys.stderr)
+    if not skip:
+        raise UserError(f"{path}: {len(bad)} bad record(s) out of {len(bad) + kept}. Fix them, or pass "
+                        "--skip_bad_lines to predict the rest.")
+    print(f"{path}: skipped {len(bad)} bad record(s), kept {kept}; they get no prediction line (the `line` of "
+          "each prediction names its record)", file=sys.stderr)
+
+
+def _grounding(loaded: Loaded, items: list[Item], types: list[str], gen: GenerationArgs) -> dict[str, Any]:
+    """answer_many's grounded-decoding arguments for these items: engine constraints and a generate() factory."""
+    from .generation import engine_reason
+    from .grounded import GroundedAnswer, grounded_processor_factory, ner_text_from_query
+
+    queries = [item.query or item.instruct for item in items]
+    if engine_reason(loaded.model, gen) is None:
+        shared: dict = {}
+        # EOS as the generate() path's processor has it: the tokenizer's (the one training used)
+        return {"constraints": [GroundedAnswer(loaded.tokenizer, ner_text_from_query(q), types, gen.max_new_tokens,
+                                               shared=shared) for q in queries]}
+    return {"grounded_factory": lambda batch: grounded_processor_factory(loaded.tokenizer,
+                                                                         [queries[i] for i in batch], types)}
+
+
+def _typed_item(text: str, args: PredictArgs, line: int | None = None) -> Item:
     if args.instruct:
-        return Item(args.instruct, args.query_prefix + text, None)
-    return Item(args.query_prefix + text, "", None)
+        return Item(args.instruct, args.query_prefix + text, None, line)
+    return Item(args.query_prefix + text, "", None, line)
 
 
 def prompt_ids(tokenizer, template: str, item: Item, with_prompt: bool) -> list[int]:
@@ -202,8 +249,6 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
     """Single-turn chat: each input is answered on its own, streamed token by token."""
     import torch
 
-    from .grounded import grounded_processor_factory
-
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     name = args.model_name or os.path.basename(os.path.normpath(loaded.model.name_or_path or "model"))
@@ -225,13 +270,20 @@ def interactive(loaded: Loaded, args: PredictArgs, gen: GenerationArgs, stdin: T
             line = stdin.readline()
             if not line or not line.strip():
                 break
+            if not is_valid_unicode(line):
+                # stdin decodes undecodable bytes to lone surrogates under a C/POSIX locale; the
+                # tokenizer would die on them, and with it the session.
+                out.write("(this input is not valid UTF-8, so it was not answered; set a UTF-8 locale, e.g. "
+                          "LANG=C.UTF-8, or type it again)\n\n")
+                continue
             item = _typed_item(line.strip(), args)
             ids = prompt_ids(loaded.tokenizer, loaded.template, item, args.with_prompt)
             out.write("Response: ")
-            stream = TextStream(loaded.tokenizer, out, skip_prompt_tokens=len(ids))
-            factory = (grounded_processor_factory(loaded.tokenizer, [item.query or item.instruct], types)
-                       if args.grounded else None)
-            generate_batch(loaded.model, loaded.tokenizer, [ids], gen, factory, streamer=stream)
+            stream = TextStream(loaded.tokenizer, out)
+            grounding = _grounding(loaded, [item], types, gen) if args.grounded else {}
+            answer_many(loaded.model, loaded.tokenizer, [ids], gen,
+                        on_token=lambda _, token: stream.put(torch.tensor([token])), **grounding)
+            stream.end()
             out.write("\n\n")
             answered += 1
     except KeyboardInterrupt:
@@ -257,9 +309,12 @@ def _resume_point(path: str, items: list[Item]) -> int:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a prediction line; remove the file or drop --resume.") from None
-        if number > len(items) or row.get("instruct") != items[number - 1].instruct or \
-                row.get("input") != items[number - 1].query:
-            raise UserError(f"{path}:{number}: this prediction is for another input than line {number} of the data "
+        item = items[number - 1] if number <= len(items) else None
+        # `line` is absent from files written before it existed; their inputs alone must match
+        if item is None or row.get("instruct") != item.instruct or row.get("input") != item.query or \
+                row.get("line", item.line) != item.line:
+            record = f"line {item.line}" if item is not None and item.line is not None else f"record {number}"
+            raise UserError(f"{path}:{number}: this prediction is for another input than {record} of the data "
                             "file; predict into a new file or drop --resume.")
         done = number
     with open(path, "r+b") as f:
@@ -272,8 +327,6 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     """Predict every item, appending to the predictions file in input order; return counts and speed."""
     import torch
     from tqdm.auto import tqdm
-
-    from .grounded import grounded_processor_factory
 
     path = args.predictions_file
     start = _resume_point(path, items) if args.resume else 0
@@ -288,18 +341,17 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     mode = "a" if start else "w"
     bar = tqdm(total=len(todo), desc="predicting", unit="sent", dynamic_ncols=True)
     with open(path, mode, encoding="utf-8") as f:
-        for window in length_sorted_batches([len(x) for x in ids], gen.batch_size, window=gen.batch_size * 8):
-            outputs: dict[int, str] = {}
-            for batch in window:
-                factory = None
-                if args.grounded:
-                    factory = grounded_processor_factory(
-                        loaded.tokenizer, [todo[i].query or todo[i].instruct for i in batch], types)
-                answers = generate_batch(loaded.model, loaded.tokenizer, [ids[i] for i in batch], gen, factory)
-                outputs.update(zip(batch, answers))
-                bar.update(len(batch))
-            for i in sorted(outputs):
-                row = {"instruct": todo[i].instruct, "input": todo[i].query, "output": outputs[i]}
+        # Windows bound what an interruption loses: answers come back in any order, and a window's
+        # rows are written in input order once it is done.
+        window = max(gen.batch_size * 16, 1024)
+        for begin in range(0, len(todo), window):
+            part = range(begin, min(begin + window, len(todo)))
+            grounding = _grounding(loaded, [todo[i] for i in part], types, gen) if args.grounded else {}
+            answers = answer_many(loaded.model, loaded.tokenizer, [ids[i] for i in part], gen,
+                                  on_answer=lambda *_: bar.update(1), **grounding)
+            for i, answer in zip(part, answers):
+                row = {"line": todo[i].line, "instruct": todo[i].instruct, "input": todo[i].query,
+                       "output": answer}
                 if todo[i].reference is not None:
                     row["reference"] = todo[i].reference
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

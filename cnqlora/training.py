@@ -30,15 +30,16 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .config import dump_yaml, opt
 from .data import IGNORE_INDEX, PromptArgs, load_records, resolve_template, tokenize_records
-from .errors import UserError
+from .errors import Stopped, UserError
 from .models import LoraArgs, ModelArgs
 from .batching import BatchStream, plan_by_tokens
+from .runs import (atomic_dir, check_writable, describe_os_error, find_resume_point, list_checkpoints,  # noqa: F401
+                   recover_atomic_dirs, run_lock)
 from .speed import FUSED_KERNELS, MEMORY_MODES, apply_fused_kernels, plan_speed, step_context
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -121,42 +122,6 @@ class TrainArgs:
 
 
 TRAIN_SECTIONS = [ModelArgs, PromptArgs, DataArgs, LoraArgs, TrainArgs]
-
-
-# --------------------------------------------------------------------------- files
-
-
-@contextmanager
-def atomic_dir(dest: str) -> Iterator[str]:
-    """Yield a temporary folder that replaces `dest` only once everything in it is written.
-
-    At every moment either the old complete folder or the new complete folder is at `dest`
-    (between the two renames, the old one is kept aside as dest.old and restored if needed).
-    """
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{dest}.old-{os.getpid()}"
-    if os.path.exists(dest):
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(run_dir: str) -> list[str]:
-    folder = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    found = [d for d in os.listdir(folder) if d.startswith("step-") and d[5:].isdigit()
-             and os.path.isfile(os.path.join(folder, d, "trainer_state.pt"))]
-    return [os.path.join(folder, d) for d in sorted(found, key=lambda d: int(d[5:]))]
 
 
 # --------------------------------------------------------------------------- batches
@@ -283,24 +248,13 @@ def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, histor
     return dest
 
 
-def find_resume_point(spec: str, run_dir: str) -> str | None:
-    if spec == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(spec, "trainer_state.pt")):
-        raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no trainer_state.pt). "
-                        f"Checkpoints of this run: {', '.join(list_checkpoints(run_dir)) or 'none'}.")
-    return spec
-
-
-def load_checkpoint(path: str, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    import torch
+def load_checkpoint(checkpoint: tuple[str, dict[str, Any], dict[str, Any]], model, optimizer,
+                    scheduler) -> tuple[int, list[dict]]:
+    """Put a checkpoint read by `runs.find_resume_point` into the model, optimizer and RNGs."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    _, weights, state = checkpoint
     set_peft_model_state_dict(model, weights)
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
@@ -447,6 +401,49 @@ def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir
     return best_f1, best_step
 
 
+class _StopOnSignal:
+    """Turn SIGINT and SIGTERM (a scheduler's preemption) into a checkpoint and a clean exit.
+
+    The signal only sets a flag: the loop finishes the optimizer step it is in, writes a
+    checkpoint and stops, so the run resumes exactly where it stopped. A second signal is not
+    waited for: the previous handler is back (Ctrl-C then interrupts at once, SIGTERM kills).
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        import signal
+
+        self.signal_name = signal.Signals(number).name
+        signal.signal(number, self._previous[number])
+        print(f"\n{self.signal_name}: stopping after this step (send it again to stop at once)", file=sys.stderr)
+
+    def stop(self, message: str) -> None:
+        import signal
+
+        raise Stopped(message, 128 + int(getattr(signal, self.signal_name)))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 class _SkipGuard:
     """Decides whether an update with this gradient norm is applied.
 
@@ -529,18 +526,37 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     """
     if train_args.average_seeds:
         return train_average(model_args, prompt_args, data_args, lora_args, train_args, log, callbacks)
+    run_dir = os.path.join(train_args.output_dir, train_args.run_name)
+    check_writable(run_dir)
+    with run_lock(run_dir):
+        recover_atomic_dirs(run_dir, log)
+        recover_atomic_dirs(os.path.join(run_dir, "checkpoints"), log)
+        if train_args.resume_from_checkpoint == "auto" and _finished(run_dir):
+            log(f"{run_dir} finished before (adapter_model is written): nothing to train. To train it again, delete "
+                "the folder or give the run another --run_name.")
+            return _finished_result(run_dir)
+        resume = None
+        if train_args.resume_from_checkpoint:
+            resume = find_resume_point(train_args.resume_from_checkpoint, run_dir, log)
+            if resume is None:
+                log(f"no usable checkpoint in {run_dir}/checkpoints yet: starting from scratch")
+        train_records, dev_records, model_config = _prepare_inputs(model_args, prompt_args, data_args, train_args,
+                                                                   log)
+        with _StopOnSignal() as stop:
+            return _train_in(run_dir, resume, stop, train_records, dev_records, model_config, model_args,
+                             prompt_args, data_args, lora_args, train_args, log, callbacks)
+
+
+def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[dict], dev_records: list[dict],
+              model_config: dict, model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs,
+              lora_args: LoraArgs, train_args: TrainArgs, log: Callable[[str], None],
+              callbacks: list[Callable[..., None]]) -> dict[str, Any]:
+    """train() once its run folder is held, checked and recovered."""
     import torch
     from tqdm.auto import tqdm
 
     from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
 
-    run_dir = os.path.join(train_args.output_dir, train_args.run_name)
-    resume = None
-    if train_args.resume_from_checkpoint:
-        resume = find_resume_point(train_args.resume_from_checkpoint, run_dir)
-        if resume is None:
-            log(f"no checkpoint in {run_dir}/checkpoints yet: starting from scratch")
-    train_records, dev_records, model_config = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
     device = resolve_device(model_args.device)
 
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
@@ -586,8 +602,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     step, history = 0, []
     if resume:
         step, history = load_checkpoint(resume, model, optimizer, scheduler)
-        log(f"resumed from {resume} at step {step}")
-    os.makedirs(run_dir, exist_ok=True)
+        log(f"resumed from {resume[0]} at step {step}")
     resolved = dump_yaml(model_args, prompt_args, data_args, lora_args, train_args)
     with open(os.path.join(run_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
         f.write(resolved)
@@ -605,11 +620,13 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     guard, window = _SkipGuard(), _LogWindow()
     accum = train_args.gradient_accumulation_steps
     max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")
+    doing = "starting"
     try:
         if dev_samples and train_args.eval_steps and step == 0:
             # The starting point of the dev curve: what the base model scores before any update.
             metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan))
         while step < total_steps:
+            doing = f"training step {step + 1}"
             first = step * accum
             batches = [collate([samples[i] for i in stream.batch(first + m)], pad_id) for m in range(accum)]
             step_loss, n_samples = _forward_backward(model, batches, device, plan, bar.write, step,
@@ -642,16 +659,30 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
             if evaluator is not None and (step % train_args.eval_f1_steps == 0 or step == total_steps):
                 best_f1, best_step = _dev_f1(evaluator, model, tokenizer, metrics, step, run_dir, resolved,
                                              best_f1, best_step, bar)
+            saved = False
             if train_args.save_steps and step % train_args.save_steps == 0 and step < total_steps:
+                doing = f"writing the checkpoint of step {step}"
                 save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history, train_args.save_total_limit)
+                saved = True
             for callback in callbacks:
                 callback(step=step, model=model, metrics=metrics)
+            if stop.signal_name and step < total_steps:
+                doing = f"writing the checkpoint of step {step} after {stop.signal_name}"
+                if not saved:
+                    save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history,
+                                    train_args.save_total_limit)
+                stop.stop(f"{stop.signal_name} at step {step} of {total_steps}: checkpoint written to "
+                          f"{os.path.join(run_dir, 'checkpoints', f'step-{step:06d}')}; continue with "
+                          "--resume_from_checkpoint auto")
+        doing = "writing the final adapter"
+        adapter_dir = save_adapter(model, tokenizer, os.path.join(run_dir, "adapter_model"), resolved)
+        plot_losses(metrics.history, os.path.join(run_dir, "loss.png"))
+    except OSError as e:
+        raise describe_os_error(e, run_dir, doing) from None
     finally:
         bar.close()
         metrics.close()
 
-    adapter_dir = save_adapter(model, tokenizer, os.path.join(run_dir, "adapter_model"), resolved)
-    plot_losses(metrics.history, os.path.join(run_dir, "loss.png"))
     losses = [h["train_loss"] for h in metrics.history if "train_loss" in h]
     evals = [h["eval_loss"] for h in metrics.history if "eval_loss" in h]
     log(f"adapter saved to {adapter_dir}; loss curves in {os.path.join(run_dir, 'loss.png')}")
@@ -661,7 +692,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
         log(f"best dev F1 {100 * best_f1:.2f} at step {best_step}: {best['adapter_dir']}")
     return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, "history": metrics.history,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "last_eval_loss": evals[-1] if evals else None, "template": template, "best": best}
+            "last_eval_loss": evals[-1] if evals else None, "template": template, "best": best, "trained": True}
 
 
 # --------------------------------------------------------------------------- averaging seeds
@@ -681,6 +712,27 @@ def _free_accelerator_memory() -> None:
 def _finished(run_dir: str) -> bool:
     # The final adapter is written (atomically) only once the last step is done.
     return os.path.isfile(os.path.join(run_dir, "adapter_model", "adapter_model.safetensors"))
+
+
+def _finished_result(run_dir: str) -> dict[str, Any]:
+    """What train() returns for a run that finished before, read back from its folder."""
+    history = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    best_dir = os.path.join(run_dir, "best_adapter")
+    best = None
+    if os.path.isfile(os.path.join(best_dir, "dev_metrics.json")):
+        with open(os.path.join(best_dir, "dev_metrics.json"), encoding="utf-8") as f:
+            marker = json.load(f)
+        best = {"dev_f1": marker["micro"]["f1"], "step": marker["step"], "adapter_dir": best_dir}
+    return {"adapter_dir": os.path.join(run_dir, "adapter_model"), "run_dir": run_dir,
+            "steps": max((h["step"] for h in history), default=0), "history": history,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "last_eval_loss": evals[-1] if evals else None, "template": None, "best": best, "trained": False}
 
 
 def _member_dev_f1(adapter_dir: str) -> dict[str, Any] | None:
@@ -704,14 +756,25 @@ def train_average(model_args: ModelArgs, prompt_args: PromptArgs, data_args: Dat
     average is scored on the same dev sample as the members and the two are compared in the log,
     since an average is only worth using when it beats them there.
     """
-    from .adapters import average_adapters
-
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
     seeds = ",".join(map(str, train_args.average_seeds))
     # said up front: a --seed given for a one-seed run would otherwise go unused without a word
     log(f"average_seeds {seeds}: {len(train_args.average_seeds)} runs in {run_dir}/seed-N, then their mean in "
         f"{run_dir}/average_adapter; --seed is not used (for one run: --average_seeds '' --seed N)")
     train_records, dev_records, _ = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
+    check_writable(run_dir)
+    with run_lock(run_dir):
+        recover_atomic_dirs(run_dir, log)
+        return _train_average_in(run_dir, train_records, dev_records, model_args, prompt_args, data_args, lora_args,
+                                 train_args, log, callbacks)
+
+
+def _train_average_in(run_dir: str, train_records: list[dict], dev_records: list[dict], model_args: ModelArgs,
+                      prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs, train_args: TrainArgs,
+                      log: Callable[[str], None], callbacks: list[Callable[..., None]]) -> dict[str, Any]:
+    """train_average() once its folder is held (each seed's run holds its own folder too)."""
+    from .adapters import average_adapters
+
     members, results = [], []
     for i, seed in enumerate(train_args.average_seeds, 1):
         args = replace(train_args, seed=seed, output_dir=run_dir, run_name=f"seed-{seed}", average_seeds=[])

@@ -21,6 +21,7 @@ from transformers import (
 
 import cnqlora.baichuan as bc
 from cnqlora.errors import UserError
+from cnqlora.models import keep_4bit_differentiable
 from cnqlora.tiny import write_tiny_baichuan
 
 # transformers 5.24 names the KV-cache argument `cache`, 5.17 `past_key_values`.
@@ -451,6 +452,10 @@ def test_4bit_nf4_loading_and_lora_on_w_pack(tiny_baichuan2_dir):
     model = AutoModelForCausalLM.from_pretrained(
         tiny_baichuan2_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu"
     )
+    # Loaded by hand, so the project's guard against bitsandbytes' inference-only CPU format
+    # (cnqlora.models.load_model applies it) is applied by hand too; tests/test_cpu_4bit_path.py
+    # checks the guard itself.
+    assert keep_4bit_differentiable(model) == 5 * len(model.model.layers)
     for layer in model.model.layers:
         assert isinstance(layer.self_attn.W_pack, bnb.nn.Linear4bit)
         assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)

@@ -25,13 +25,13 @@ def test_the_evaluator_maps_answers_back_to_their_records(tiny_ner_model_dir, ne
     def perfect(model, tok, prompts, gen):
         return [by_prompt[tuple(p)] for p in prompts]
 
-    monkeypatch.setattr(evaluation, "generate_batch", perfect)
+    monkeypatch.setattr(evaluation, "answer_many", perfect)
     model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"))
     result = evaluator(model)
     assert result["records"] == 12 and result["exact_match"] == 1.0 and result["unparseable"] == 0.0
     assert result["micro"]["tp"] > 0 and result["micro"]["f1"] == 1.0
 
-    monkeypatch.setattr(evaluation, "generate_batch", lambda m, tok, prompts, gen: ["" for _ in prompts])
+    monkeypatch.setattr(evaluation, "answer_many", lambda m, tok, prompts, gen: ["" for _ in prompts])
     empty = evaluator(model)
     assert empty["unparseable"] == 1.0 and empty["micro"]["tp"] == 0
 

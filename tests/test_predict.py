@@ -97,6 +97,17 @@ def test_interactive_mode_through_stdin(loaded):
     assert "bye (0 answered)" in out.getvalue()
 
 
+def test_typed_input_that_is_not_valid_utf8_is_not_answered_and_the_session_goes_on(loaded):
+    # Under a C/POSIX locale, stdin turns undecodable bytes into lone surrogates.
+    typed = b"\xff\xfe\xe5\xbc\xa0\n".decode("utf-8", "surrogateescape")
+    out = io.StringIO()
+    args = PredictArgs(interactive=True, instruct="msra")
+    interactive(loaded, args, GenerationArgs(max_new_tokens=4), stdin=io.StringIO(typed + "张伟\n"), out=out)
+    text = out.getvalue()
+    assert "this input is not valid UTF-8, so it was not answered" in text
+    assert "bye (1 answered)" in text
+
+
 def test_the_seeds_interactive_command_line(tiny_ner_model_dir, adapter_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("你现在是一个实体识别模型。文本：王芳在上海\n\n"))
     argv = ["--model_name", "baichuan", "--base_model", tiny_ner_model_dir, "--tokenizer_path", tiny_ner_model_dir,

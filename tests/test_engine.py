@@ -1,0 +1,205 @@
+"""The generation engine against `model.generate`: same greedy tokens, whatever runs beside them."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from cnqlora.engine import Engine, Request, Sampling, supported
+
+
+def _random_model(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "qwen2":  # q/k/v biases, grouped-query attention, another RoPE base
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1e6, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    return model.eval()
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _reference(model, prompts, max_new_tokens, stop, processor=None):
+    """Each prompt alone through model.generate (no padding at all), stop token removed."""
+    from transformers import LogitsProcessorList
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        kwargs = {}
+        if processor is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([processor(i, len(prompt))])
+        with torch.no_grad():
+            ids = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop, pad_token_id=0, **kwargs)[0, len(prompt):].tolist()
+        out.append(ids[:ids.index(stop)] if stop in ids else ids)
+    return out
+
+
+def _stop_token_ending_rows_at_different_steps(model, prompts, max_new_tokens):
+    """A token that the greedy answers first produce at many different steps: as EOS, rows end unevenly."""
+    free = _reference(model, prompts, max_new_tokens, stop=-1)
+    first: dict[int, set[int]] = {}
+    for row in free:
+        for step, token in enumerate(row):
+            if row.index(token) == step:
+                first.setdefault(token, set()).add(step)
+    return max(first, key=lambda t: (len(first[t]), -t))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("max_batch", [64, 3])
+def test_greedy_tokens_equal_generate_for_mixed_lengths_and_uneven_ends(kind, max_batch):
+    model = _random_model(kind)
+    prompts = _prompts(10, 300)
+    stop = _stop_token_ending_rows_at_different_steps(model, prompts, 20)
+    expected = _reference(model, prompts, 20, stop)
+    assert len({len(e) for e in expected}) >= 3  # rows really end at different steps
+    engine = Engine(model, [stop], pad_id=0, max_batch=max_batch, prefill_tokens=64)
+    got = engine.generate([Request(p, 20) for p in prompts])
+    assert got == expected
+    stats = engine.last_stats
+    assert stats["slots"] == min(max_batch, 10)
+    if max_batch == 3:
+        assert stats["prefill_calls"] > 3  # slots were refilled as rows finished
+
+
+def test_requests_of_their_own_lengths_and_limits(tiny_ner_model_dir):
+    model = _random_model("llama")
+    prompts = _prompts(6, 300, seed=1)
+    limits = [1, 3, 7, 12, 2, 9]
+    engine = Engine(model, [2], pad_id=0, max_batch=2)
+    got = engine.generate([Request(p, n) for p, n in zip(prompts, limits)])
+    for prompt, limit, tokens in zip(prompts, limits, got):
+        assert tokens == _reference(model, [prompt], limit, stop=2)[0]
+        assert len(tokens) <= limit
+
+
+def test_qlora_model_with_adapter_equals_generate(tiny_ner_model_dir, tmp_path):
+    """The real inference path: NF4 base + peft LoRA (random B), through load_for_inference."""
+    from cnqlora.data import PromptArgs, encode_prompt
+    from cnqlora.generation import GenerationArgs, generate_ids
+    from cnqlora.inference import load_for_inference
+    from cnqlora.models import LoraArgs, ModelArgs, attach_lora, load_model, load_tokenizer
+    from cnqlora.training import save_adapter
+
+    torch.manual_seed(0)
+    model_args = ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu")
+    lora, _ = attach_lora(load_model(model_args), LoraArgs())
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    adapter = save_adapter(lora, load_tokenizer(tiny_ner_model_dir), str(tmp_path / "adapter"), "x: 1\n")
+    loaded = load_for_inference(model_args, PromptArgs(), adapter)
+    texts = ["张伟在北京工作", "上海", "中国人工智能学会在南京开会，李明参加了", "今天天气很好"]
+    prompts = [encode_prompt(loaded.tokenizer, loaded.template, "找出实体", "文本：" + t).ids for t in texts]
+    gen = GenerationArgs(max_new_tokens=16)
+    expected = [generate_ids(loaded.model, loaded.tokenizer, [p], gen)[0] for p in prompts]
+    engine = Engine(loaded.model, [loaded.tokenizer.eos_token_id], pad_id=loaded.tokenizer.pad_token_id, max_batch=2)
+    assert engine.generate([Request(p, 16) for p in prompts]) == expected
+
+
+def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir):
+    from cnqlora.grounded import GroundedAnswer, GroundedNerLogitsProcessor
+    from cnqlora.models import ModelArgs, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_ner_model_dir)
+    torch.manual_seed(0)
+    model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu", quantization="none")).eval()
+    texts = ["张伟在北京工作", "上海很大", "中国人工智能学会在南京开会"]
+    types = ["人名", "地名", "机构名"]
+    prompts = [tokenizer.encode("文本：" + t, add_special_tokens=False) for t in texts]
+    eos = tokenizer.eos_token_id
+    expected = _reference(model, prompts, 24, eos, processor=lambda i, n: GroundedNerLogitsProcessor(
+        tokenizer, texts=[texts[i]], types=types, prompt_length=n, max_new_tokens=24))
+    shared: dict = {}
+    requests = [Request(p, 24, GroundedAnswer(tokenizer, t, types, 24, shared=shared)) for p, t in zip(prompts, texts)]
+    got = Engine(model, [eos], pad_id=tokenizer.pad_token_id, max_batch=2).generate(requests)
+    assert got == expected
+    # every answer is a complete, grounded one (the budget ended each on EOS, within 24 tokens)
+    for request, tokens in zip(requests, got):
+        assert request.constraint.text.grammar.accepts(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def test_streamed_tokens_are_the_final_answers():
+    model = _random_model("llama")
+    prompts = _prompts(5, 300, seed=2)
+    streamed: dict[int, list[int]] = {}
+    finished_order = []
+    engine = Engine(model, [2], pad_id=0, max_batch=2)
+    for index, tokens in engine.run([Request(p, 10) for p in prompts],
+                                    on_token=lambda i, t: streamed.setdefault(i, []).append(t)):
+        finished_order.append(index)
+        assert streamed.get(index, []) == tokens
+    assert sorted(finished_order) == list(range(5))
+    assert engine.k is None  # the cache is released with the last request
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = _random_model("llama")
+    prompts = _prompts(4, 300, seed=3)
+    sampling = Sampling(do_sample=True, temperature=1.0, top_k=1)
+    engine = Engine(model, [2], pad_id=0, sampling=sampling)
+    # top_k=1 is greedy whatever the seed
+    assert engine.generate([Request(p, 8) for p in prompts]) == _reference(model, prompts, 8, stop=2)
+    engine.sampling = Sampling(do_sample=True, temperature=1.5, top_p=0.9)
+    torch.manual_seed(5)
+    a = engine.generate([Request(p, 8) for p in prompts])
+    torch.manual_seed(5)
+    assert engine.generate([Request(p, 8) for p in prompts]) == a
+
+
+def test_unsupported_models_are_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert "gpt2" in supported(model)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        Engine(model, [0], pad_id=0)
+
+
+# --------------------------------------------------------------------------- through the commands
+
+from test_predict import adapter_dir, predict_argv  # noqa: E402,F401  (adapter_dir is a fixture)
+
+
+@pytest.mark.parametrize("grounded", [False, True])
+def test_predict_file_gives_the_same_answers_with_the_engine_and_with_generate(tiny_ner_model_dir, adapter_dir,
+                                                                               ner_data_dir, tmp_path, grounded):
+    import json
+
+    import predict
+    from cnqlora.cli import run_command
+
+    rows = {}
+    for engine in ("auto", "hf"):
+        out = str(tmp_path / f"{engine}.jsonl")
+        extra = ["--limit", "12", "--max_new_tokens", "24", "--engine", engine] + (["--grounded"] if grounded else [])
+        assert run_command(predict.main, predict_argv(tiny_ner_model_dir, adapter_dir, f"{ner_data_dir}/test.txt",
+                                                      out, *extra)) == 0
+        rows[engine] = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [r["output"] for r in rows["auto"]] == [r["output"] for r in rows["hf"]]
+    assert [r["line"] for r in rows["auto"]] == list(range(1, 13))  # input order, whatever the finishing order
+
+
+def test_the_dev_f1_evaluator_scores_the_same_with_the_engine_and_with_generate(tiny_ner_model_dir, ner_data_dir):
+    import json
+
+    from cnqlora.evaluation import DevNerEvaluator
+    from cnqlora.models import ModelArgs, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_ner_model_dir)
+    model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"))
+    with open(f"{ner_data_dir}/dev.txt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][:10]
+    evaluator = DevNerEvaluator(tokenizer, "baichuan", records, batch_size=4, max_new_tokens=12)
+    with_engine = evaluator(model)
+    evaluator.gen.engine = "hf"
+    assert evaluator(model) == with_engine
