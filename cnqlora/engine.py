@@ -18,6 +18,7 @@ only to its own cache slot, so its answer does not depend on what else is being 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class Engine:
 
     def __init__(self, model, stop_ids: Sequence[int], pad_id: int, *, max_batch: int = 256,
                  prefill_tokens: int = 16384, kv_memory_fraction: float = 0.5, kv_max_gib: float | None = None,
-                 sampling: Sampling | None = None, length_step: int = 64) -> None:
+                 sampling: Sampling | None = None, length_step: int = 64, cuda_graphs: bool = True) -> None:
         reason = supported(model)
         if reason:
             raise ValueError(f"the generation engine cannot run this model: {reason}")
@@ -139,6 +140,7 @@ class Engine:
         self.kv_max_gib = kv_max_gib
         self.sampling = sampling or Sampling()
         self.length_step = length_step
+        self.cuda_graphs = cuda_graphs and self.m.device.type == "cuda"
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ memory
@@ -220,6 +222,33 @@ class Engine:
         hidden = self._forward(tokens[:, None], positions[:, None], write, attend)
         return self.m.head(hidden[:, 0])
 
+    def _decode_graphed(self, tokens, positions, span: int):
+        """_decode over every slot, replayed from a CUDA graph per `span`.
+
+        A decode step of a small model is hundreds of short kernels; launched one by one from
+        Python they take longer than they run. Every slot is decoded (idle ones on a pad at
+        position 0), so one graph per span serves every step.
+        """
+        import torch
+
+        graph = self._graphs.get(span)
+        if graph is None:
+            self._tokens.copy_(tokens)
+            self._positions.copy_(positions)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require
+                self._decode(self._tokens, self._positions, len(tokens), span)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._decode(self._tokens, self._positions, len(tokens), span)
+            self._graphs[span] = graph = (graph, out)
+        self._tokens.copy_(tokens)
+        self._positions.copy_(positions)
+        graph[0].replay()
+        return graph[1]
+
     # ------------------------------------------------------------------ choosing tokens
 
     def _choose(self, logits, slots: list[_Slot | None]) -> list[int]:
@@ -274,7 +303,14 @@ class Engine:
         length = [0] * n_slots  # tokens in each slot's cache; the next one goes at this position
         last = [self.pad_id] * n_slots  # each slot's newest token, the next decode step's input
         stats = {"slots": n_slots, "max_len": max_len, "prefill_calls": 0, "decode_steps": 0,
-                 "kv_gib": n_slots * self._slot_bytes(max_len) / 2**30}
+                 "kv_gib": n_slots * self._slot_bytes(max_len) / 2**30, "prefill_s": 0.0, "decode_s": 0.0,
+                 "cuda_graphs": self.cuda_graphs}
+        graphs = self.cuda_graphs
+        if graphs:
+            self._graphs: dict[int, Any] = {}
+            self._pool = torch.cuda.graph_pool_handle()
+            self._tokens = torch.zeros(n_slots, dtype=torch.long, device=self.m.device)
+            self._positions = torch.zeros(n_slots, dtype=torch.long, device=self.m.device)
         self.last_stats = stats
 
         def emit(slot: int, token: int) -> tuple[int, list[int]] | None:
@@ -312,10 +348,13 @@ class Engine:
                         for slot, index in zip(targets, chosen):
                             slots[slot] = _Slot(index, requests[index])
                             length[slot] = len(requests[index].prompt)
+                        began = time.perf_counter()
                         logits = self._prefill(targets, [requests[i].prompt for i in chosen])
                         stats["prefill_calls"] += 1
                         view = [slots[t] for t in targets]
-                        for slot, token in zip(targets, self._choose(logits, view)):
+                        chosen_tokens = self._choose(logits, view)  # waits for the GPU: the time is the prefill's
+                        stats["prefill_s"] += time.perf_counter() - began
+                        for slot, token in zip(targets, chosen_tokens):
                             finished = emit(slot, token)
                             if finished:
                                 yield finished
@@ -323,7 +362,7 @@ class Engine:
                     active = [i for i, s in enumerate(slots) if s is not None]
                     if not active:
                         continue
-                    rows = active[-1] + 1
+                    rows = n_slots if graphs else active[-1] + 1
                     span = min(max_len, _round_up(max(length[i] for i in active) + 1, self.length_step))
                     # Idle slots below `rows` decode a pad at position 0: harmless, their cache is rewritten
                     # by their next prefill, and it keeps every step one batch of fixed layout.
@@ -331,17 +370,30 @@ class Engine:
                                              device=self.m.device)
                     positions = torch.as_tensor([length[i] if slots[i] else 0 for i in range(rows)],
                                                 device=self.m.device)
-                    logits = self._decode(tokens, positions, rows, span)
+                    began = time.perf_counter()
+                    if graphs:
+                        try:
+                            logits = self._decode_graphed(tokens, positions, span)
+                        except RuntimeError as e:  # a layer that cannot be captured: decode eagerly from now on
+                            graphs = self.cuda_graphs = False
+                            stats["cuda_graphs"] = f"off: {type(e).__name__}: {str(e)[:200]}"
+                            self._graphs = {}
+                            logits = self._decode(tokens, positions, rows, span)
+                    else:
+                        logits = self._decode(tokens, positions, rows, span)
                     stats["decode_steps"] += 1
                     for i in active:  # the step wrote each active slot's newest token into its cache
                         length[i] += 1
-                    for slot, token in enumerate(self._choose(logits, slots[:rows])):
+                    chosen_tokens = self._choose(logits, slots[:rows])
+                    stats["decode_s"] += time.perf_counter() - began
+                    for slot, token in enumerate(chosen_tokens):
                         if slots[slot] is not None:
                             finished = emit(slot, token)
                             if finished:
                                 yield finished
         finally:
             self.k = self.v = None
+            self._graphs = {}
             if self.m.device.type == "cuda":
                 torch.cuda.empty_cache()
 
