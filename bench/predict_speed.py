@@ -262,18 +262,24 @@ def build_qwen(tiny: bool, vocab_size: int, device: str, dtype, seed: int):
     return model.eval()
 
 
+def test_prompts(args):
+    """(tokenizer, the official test records, the --records of them timed, their prompt ids)."""
+    corpus, tokenizer_path, train_sentences = common.resolve_inputs(args)
+    tokenizer = common.load_tokenizer(tokenizer_path)
+    _, test = common.load_sentences(corpus, train_sentences)
+    records = common.to_records(test)
+    chosen = records[:args.records] if args.records else records
+    prompts = [encode_prompt(tokenizer, "baichuan", r["instruct"], r["query"]).ids for r in chosen]
+    return tokenizer, records, chosen, prompts
+
+
 def engine_suite(args) -> int:
     """Seed loop, batched generate b64 (today's path before the engine) and the engine, per model form."""
     phases, budget, device, report = common.begin(args)
     results: dict[str, dict[str, Any]] = {}
     report["paths"] = results
     with phases("data"):
-        corpus, tokenizer_path, train_sentences = common.resolve_inputs(args)
-        tokenizer = common.load_tokenizer(tokenizer_path)
-        _, test = common.load_sentences(corpus, train_sentences)
-        records = common.to_records(test)
-        chosen = records[:args.records] if args.records else records
-        prompts = [encode_prompt(tokenizer, "baichuan", r["instruct"], r["query"]).ids for r in chosen]
+        tokenizer, records, chosen, prompts = test_prompts(args)
         reference = [len(tokenizer.encode(r["answer"], add_special_tokens=False)) + 1 for r in chosen]
         fixed = [args.new_tokens] * len(chosen)
         log(f"{len(chosen)} test sentences; prompts mean {sum(map(len, prompts)) / len(prompts):.1f} tokens; "
@@ -405,12 +411,7 @@ def main(argv=None) -> int:
     report["paths"] = results
 
     with phases("data"):
-        corpus, tokenizer_path, train_sentences = common.resolve_inputs(args)
-        tokenizer = common.load_tokenizer(tokenizer_path)
-        _, test = common.load_sentences(corpus, train_sentences)
-        records = common.to_records(test)
-        chosen = records[:args.records] if args.records else records
-        prompts = [encode_prompt(tokenizer, "baichuan", r["instruct"], r["query"]).ids for r in chosen]
+        tokenizer, records, chosen, prompts = test_prompts(args)
         batches = list(length_sorted_batches([len(p) for p in prompts], args.batch_size, window=args.batch_size * 8))
         log(f"{len(records)} test sentences; batched paths on {len(chosen)} (prompt mean "
             f"{sum(map(len, prompts)) / len(prompts):.1f} tokens, max {max(map(len, prompts))}); seed loop on "

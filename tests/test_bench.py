@@ -168,6 +168,27 @@ def test_predict_speed_tiny_runs_every_path(predict_speed, tmp_path, capsys):
     assert "vs the seed's loop" in out
 
 
+@pytest.mark.parametrize("shape", ["baichuan7b", "qwen0.5b"])
+def test_predict_speed_engine_suite_forces_each_workloads_lengths(predict_speed, tmp_path, capsys, shape):
+    report = tmp_path / "engine.json"
+    rc = predict_speed.main(["--suite", "engine", "--tiny", "--shape", shape, "--workdir", str(tmp_path / "data"),
+                             "--hf_records", "16", "--engine_batch", "8", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    paths = json.loads(report.read_text())["paths"]
+    engines = [r for r in paths.values() if r.get("path") == "engine"]
+    generates = [r for r in paths.values() if r.get("path") == "generate"]
+    assert len(engines) == len(generates) == (2 if shape == "qwen0.5b" else 4)
+    for r in paths.values():
+        assert r["status"] == "ok" and r["sentences_per_s"] > 0
+        if r["workload"] == "fixed":
+            assert r["min_new_tokens"] == r["max_new_tokens"] == 16
+    # the reference workload: each sentence its answer's length + EOS, on both paths alike
+    ref = [r for r in engines + generates if r["workload"] == "reference"]
+    assert all(r["min_new_tokens"] >= 2 and r["max_new_tokens"] > r["min_new_tokens"] for r in ref)
+    assert all(r["engine"]["slots"] == 8 and r["engine"]["prefill_calls"] > 1 for r in engines)
+
+
 def test_ner_errors_reports_kinds_and_the_dense_records(tmp_path, capsys):
     ner_errors = load("ner_errors")
     names = "".join(f"人{i}" for i in range(10))
