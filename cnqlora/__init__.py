@@ -9,6 +9,10 @@ commands over this package; each module owns one concern:
 - baichuan: Baichuan-7B / Baichuan2-7B model and tokenizer, without remote code
 - models: loading tokenizers and (quantised) models, attaching LoRA
 - training: the training loop, checkpoints, resume, logging
+- runs: the run folder on disk: lock, atomic folders, checkpoint checks, file-system faults
+- generation: decoding options and the one entry point (answer_many) files, chat and dev F1 use
+- engine: continuous batching over a slot KV cache (what answer_many runs on supported models)
+- grounded: grounded decoding for NER (answers that parse, entities from the text)
 - metrics: entity-level NER metrics
 - tiny: tiny models and tokenizers for the demo and the tests
 """
