@@ -38,7 +38,7 @@ from .data import IGNORE_INDEX, PromptArgs, load_records, resolve_template, toke
 from .errors import Stopped, UserError
 from .models import LoraArgs, ModelArgs
 from .batching import BatchStream, plan_by_tokens
-from .runs import (atomic_dir, check_writable, describe_os_error, find_resume_point, list_checkpoints,  # noqa: F401
+from .runs import (atomic_dir, check_writable, describe_os_error, find_resume_point, list_checkpoints,
                    recover_atomic_dirs, run_lock)
 from .speed import FUSED_KERNELS, MEMORY_MODES, apply_fused_kernels, plan_speed, step_context
 
@@ -425,11 +425,18 @@ class _StopOnSignal:
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 
+    def _restore(self, number: int) -> None:
+        import signal
+
+        # getsignal gives None for a handler set outside Python; the default is what it stood for.
+        previous = self._previous[number]
+        signal.signal(number, signal.SIG_DFL if previous is None else previous)
+
     def _handle(self, number: int, frame) -> None:
         import signal
 
         self.signal_name = signal.Signals(number).name
-        signal.signal(number, self._previous[number])
+        self._restore(number)
         print(f"\n{self.signal_name}: stopping after this step (send it again to stop at once)", file=sys.stderr)
 
     def stop(self, message: str) -> None:
@@ -438,10 +445,8 @@ class _StopOnSignal:
         raise Stopped(message, 128 + int(getattr(signal, self.signal_name)))
 
     def __exit__(self, *exc) -> None:
-        import signal
-
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
+        for number in self._previous:
+            self._restore(number)
 
 
 class _SkipGuard:
@@ -683,16 +688,13 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
         bar.close()
         metrics.close()
 
-    losses = [h["train_loss"] for h in metrics.history if "train_loss" in h]
-    evals = [h["eval_loss"] for h in metrics.history if "eval_loss" in h]
     log(f"adapter saved to {adapter_dir}; loss curves in {os.path.join(run_dir, 'loss.png')}")
     best = None
     if evaluator is not None and best_step:
         best = {"dev_f1": best_f1, "step": best_step, "adapter_dir": os.path.join(run_dir, "best_adapter")}
         log(f"best dev F1 {100 * best_f1:.2f} at step {best_step}: {best['adapter_dir']}")
-    return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, "history": metrics.history,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "last_eval_loss": evals[-1] if evals else None, "template": template, "best": best, "trained": True}
+    return {"adapter_dir": adapter_dir, "run_dir": run_dir, "steps": step, **_losses(metrics.history),
+            "template": template, "best": best, "trained": True}
 
 
 # --------------------------------------------------------------------------- averaging seeds
@@ -721,8 +723,6 @@ def _finished_result(run_dir: str) -> dict[str, Any]:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             history = [json.loads(line) for line in f if line.strip()]
-    losses = [h["train_loss"] for h in history if "train_loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     best_dir = os.path.join(run_dir, "best_adapter")
     best = None
     if os.path.isfile(os.path.join(best_dir, "dev_metrics.json")):
@@ -730,9 +730,16 @@ def _finished_result(run_dir: str) -> dict[str, Any]:
             marker = json.load(f)
         best = {"dev_f1": marker["micro"]["f1"], "step": marker["step"], "adapter_dir": best_dir}
     return {"adapter_dir": os.path.join(run_dir, "adapter_model"), "run_dir": run_dir,
-            "steps": max((h["step"] for h in history), default=0), "history": history,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "last_eval_loss": evals[-1] if evals else None, "template": None, "best": best, "trained": False}
+            "steps": max((h["step"] for h in history), default=0), **_losses(history), "template": None,
+            "best": best, "trained": False}
+
+
+def _losses(history: list[dict]) -> dict[str, Any]:
+    """The history and the losses train() reports from it."""
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {"history": history, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "last_eval_loss": evals[-1] if evals else None}
 
 
 def _member_dev_f1(adapter_dir: str) -> dict[str, Any] | None:
