@@ -685,8 +685,15 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
     except OSError as e:
         raise describe_os_error(e, run_dir, doing) from None
     finally:
+        failing = sys.exc_info()[1]
         bar.close()
-        metrics.close()
+        try:
+            metrics.close()
+        except OSError as e:
+            # TensorBoard flushes on close: into a deleted or full folder that fails too, and must
+            # neither hide the message already on its way nor pass as a traceback.
+            if failing is None:
+                raise describe_os_error(e, run_dir, "closing the TensorBoard log") from None
 
     log(f"adapter saved to {adapter_dir}; loss curves in {os.path.join(run_dir, 'loss.png')}")
     best = None
