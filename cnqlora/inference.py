@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from .adapters import MERGE_DTYPES
@@ -29,6 +29,9 @@ from .data import (MAX_REPORTED_ERRORS, BadRecord, PromptArgs, encode_prompt, en
 from .errors import UserError
 from .generation import GenerationArgs, TextStream, answer_many
 from .models import ModelArgs
+
+
+ADAPTER_MODES = ("auto", "merged", "lora")
 
 
 @dataclass
@@ -54,6 +57,10 @@ class PredictArgs:
     types: list[str] = opt([], "entity types for metrics and grounded decoding; default: those of the references")
     grounded: bool = opt(False, "constrain answers to 没有 or `entity_type` lines whose entities occur in the "
                          "text (NER)")
+    adapter_mode: str = opt("auto", "how --lora_model is applied: merged = folded into a 16-bit copy of the base "
+                            "in memory (fastest, a rank-128 average costs nothing; needs the 16-bit weights' "
+                            "memory), lora = the quantised base + LoRA layers (least memory), auto = merged on a "
+                            "GPU with room for it, else lora", choices=ADAPTER_MODES)
     merge_to: str | None = opt(None, "write base + adapter merged into this folder (a plain Hugging Face model) "
                                "and exit")
     merge_dtype: str = opt("bfloat16", "dtype of the merged weights", choices=MERGE_DTYPES)
@@ -102,8 +109,28 @@ class Loaded:
     device: str
 
 
-def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_model: str | None) -> Loaded:
-    """Base model (quantised as asked) + optional adapter, checked before anything heavy loads."""
+def _merge_in_memory(mode: str, model_args: ModelArgs, device: str) -> bool:
+    """Whether to fold the adapter into a 16-bit base (adapter_mode; auto: a GPU with room for it)."""
+    if mode != "auto" or model_args.quantization == "none":
+        return mode == "merged" and model_args.quantization != "none"
+    if not device.startswith("cuda"):
+        return False  # a CPU computes in float32: the 4-bit base is what keeps it small
+    import torch
+
+    from .models import weight_file_bytes
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    # the 16-bit weights plus room for activations and the engine's KV cache
+    return 1.5 * weight_file_bytes(model_args.model_name_or_path) < free
+
+
+def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_model: str | None,
+                       adapter_mode: str = "lora") -> Loaded:
+    """Base model (quantised as asked) + optional adapter, checked before anything heavy loads.
+
+    adapter_mode merged (or auto with room on the GPU) loads the base in 16 bits and folds the
+    adapter into it: prediction then runs plain matmuls with no LoRA layers, whatever the rank.
+    """
     from .models import check_model_folder, load_model, load_tokenizer, resolve_device
 
     started = time.time()
@@ -117,6 +144,9 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
     device = resolve_device(model_args.device)
+    merged = adapter is not None and _merge_in_memory(adapter_mode, model_args, device)
+    if merged:
+        model_args = replace(model_args, quantization="none")
     model = load_model(model_args, device)
     model.config.use_cache = True
     if adapter is not None:
@@ -125,10 +155,12 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
         # log: notes about old adapter formats (dropped config keys) reach the user
         model = attach_adapter(model, adapter, log=print)
         use_trained_eos(tokenizer, model, lora_model, log=print)
+        if merged:
+            model = model.merge_and_unload()
     model.eval()
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     description = (f"model {model_args.model_name_or_path} ({config.get('model_type')}, {model_args.quantization}, "
-                   f"compute {dtype}) + {'adapter ' + lora_model if lora_model else 'no adapter'} on {device}; "
+                   f"compute {dtype}) + {('adapter ' + lora_model + (' (merged in memory)' if merged else '')) if lora_model else 'no adapter'} on {device}; "
                    f"template {template}")
     return Loaded(model, tokenizer, template, description, time.time() - started, device)
 

@@ -147,6 +147,11 @@ def _weight_files(path: str, hint: str) -> list[str]:
     raise UserError(f"{path}: no weights (model.safetensors, pytorch_model.bin or a sharded index). {hint}")
 
 
+def weight_file_bytes(path: str) -> int:
+    """Bytes of the weight files transformers will load from a model folder."""
+    return sum(os.path.getsize(f) for f in _weight_files(path, ""))
+
+
 def _check_weight_file(file: str) -> None:
     """Refuse a weight file that cannot be complete; reads its header (kilobytes), never the tensors."""
     size = os.path.getsize(file)

@@ -203,3 +203,40 @@ def test_the_dev_f1_evaluator_scores_the_same_with_the_engine_and_with_generate(
     with_engine = evaluator(model)
     evaluator.gen.engine = "hf"
     assert evaluator(model) == with_engine
+
+
+def test_an_adapter_merged_in_memory_predicts_as_the_merged_folder(tiny_ner_model_dir, adapter_dir, ner_data_dir,
+                                                                  tmp_path):
+    import json
+
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    import predict
+    from cnqlora.cli import run_command
+    from cnqlora.data import PromptArgs
+    from cnqlora.inference import load_for_inference
+    from cnqlora.models import ModelArgs
+
+    model_args = ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu")
+    merged = load_for_inference(model_args, PromptArgs(), adapter_dir, adapter_mode="merged")
+    assert "(merged in memory)" in merged.description and ", none," in merged.description
+    assert not any(isinstance(m, (LoraLayer, bnb.nn.Linear4bit)) for m in merged.model.modules())
+    # auto keeps the 4-bit base + LoRA on the CPU, where the 16-bit copy would only cost memory
+    auto = load_for_inference(model_args, PromptArgs(), adapter_dir, adapter_mode="auto")
+    assert "merged in memory" not in auto.description
+    assert any(isinstance(m, LoraLayer) for m in auto.model.modules())
+
+    folder = str(tmp_path / "merged")
+    assert run_command(predict.main, ["--base_model", tiny_ner_model_dir, "--lora_model", adapter_dir, "--only_cpu",
+                                      "--merge_to", folder, "--merge_dtype", "float32"]) == 0
+    outputs = {}
+    for name, extra in (("memory", ["--lora_model", adapter_dir, "--adapter_mode", "merged"]),
+                        ("folder", ["--template", "baichuan", "--quantization", "none"])):
+        out = str(tmp_path / f"{name}.jsonl")
+        base = tiny_ner_model_dir if name == "memory" else folder
+        assert run_command(predict.main, ["--base_model", base, "--data_file", f"{ner_data_dir}/test.txt",
+                                          "--predictions_file", out, "--only_cpu", "--limit", "8",
+                                          "--max_new_tokens", "16", *extra]) == 0
+        outputs[name] = [json.loads(line)["output"] for line in open(out, encoding="utf-8")]
+    assert outputs["memory"] == outputs["folder"]
