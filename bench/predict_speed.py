@@ -83,14 +83,20 @@ def seed_loop(model, tokenizer, records, new_tokens: int, device: str, deadline:
     for record in warmup:
         one(record)
     produced.clear()
+    return timed_units(timed, one, produced, len(timed), deadline, device)
+
+
+def timed_units(units, run, produced: list[int], total: int, deadline: float, device: str) -> dict[str, Any]:
+    """Time run(unit) over the units until done or past the deadline; `run` appends each
+    sentence's new-token count to `produced`, of `total` sentences in all."""
     common.sync(device)
     common.reset_peak(device)
     start = time.perf_counter()
     status = "ok"
-    for i, record in enumerate(timed):
-        one(record)
-        if time.perf_counter() > deadline and i < len(timed) - 1:
-            status = f"partial: out of time after {i + 1} of {len(timed)} sentences"
+    for i, unit in enumerate(units):
+        run(unit)
+        if time.perf_counter() > deadline and i < len(units) - 1:
+            status = f"partial: out of time after {len(produced)} of {total} sentences"
             break
     common.sync(device)
     result = summary(time.perf_counter() - start, produced, status)
@@ -168,21 +174,15 @@ def forced_batched(model, tokenizer, prompts, targets, batch_size: int, deadline
                for b in w]
     generate_ids(model, tokenizer, [prompts[i] for i in batches[0]], dataclass_replace(gen, max_new_tokens=2),
                  lambda ids, n: processor(ids.shape[1], batches[0]))  # warm-up
-    common.sync(device)
-    common.reset_peak(device)
-    produced, status, start = [], "ok", time.perf_counter()
-    for k, batch in enumerate(batches):
+    produced: list[int] = []
+
+    def run(batch: list[int]) -> None:
         batch_gen = dataclass_replace(gen, max_new_tokens=max(targets[i] for i in batch))
         rows = generate_ids(model, tokenizer, [prompts[i] for i in batch], batch_gen,
-                            lambda ids, n, batch=batch: processor(ids.shape[1], batch))
+                            lambda ids, n: processor(ids.shape[1], batch))
         produced.extend(len(r) + 1 for r in rows)  # + the EOS the row ended on
-        if time.perf_counter() > deadline and k < len(batches) - 1:
-            status = f"partial: out of time after {len(produced)} of {len(prompts)} sentences"
-            break
-    common.sync(device)
-    result = summary(time.perf_counter() - start, produced, status)
-    result["peak_gib"] = gib(common.peak(device))
-    return result
+
+    return timed_units(batches, run, produced, len(prompts), deadline, device)
 
 
 def engine_run(model, tokenizer, prompts, targets, batch_size: int, device: str) -> dict[str, Any]:

@@ -151,12 +151,9 @@ def describe_os_error(e: OSError, run_dir: str, what: str) -> UserError:
     """One message for a file-system failure in the middle of a run: what failed and what is safe."""
     where = e.filename or run_dir
     resume = "free some space, then continue with --resume_from_checkpoint auto"
-    if e.errno == errno.ENOSPC:
-        return UserError(f"{where}: the disk is full while {what}. The newest complete checkpoint is kept; "
-                         f"{resume}.")
-    if e.errno == errno.EDQUOT:
-        return UserError(f"{where}: disk quota exceeded while {what}. The newest complete checkpoint is kept; "
-                         f"{resume}.")
+    full = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "disk quota exceeded"}.get(e.errno)
+    if full:
+        return UserError(f"{where}: {full} while {what}. The newest complete checkpoint is kept; {resume}.")
     # The lock file goes with the folder; a writer that recreated the folder since does not bring it back.
     if not os.path.isfile(os.path.join(run_dir, LOCK_NAME)):
         return UserError(f"{run_dir}: the run folder was deleted during the run (while {what}); nothing more can "
