@@ -12,12 +12,20 @@ work unchanged, and only attention over the slot cache is its own. That covers t
 (LLaMA, Qwen2, Mistral without a sliding window, Baichuan-7B/Baichuan2-7B); `supported` says why
 another model is not, and callers then fall back to `model.generate`.
 
+The chosen tokens stay on the device: the next step is launched before the host reads the
+last one, so the GPU never waits for Python to look at a token (a row that ended is noticed one
+step late and that step's token for it is dropped). Only grounded decoding needs the host
+between steps, for the allowed tokens of the next one; it reads the previous step while the
+device runs the current step's forward pass.
+
 Greedy answers equal `model.generate`'s token for token (tests/test_engine.py): each row attends
 only to its own cache slot, so its answer does not depend on what else is being decoded.
+Requests come as a list, or as a `Feed` that a server fills while the engine runs.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,15 +36,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "baichuan")
 
 
 @dataclass
-class Request:
-    """One prompt to answer. `constraint` (e.g. grounded.GroundedAnswer) limits the tokens allowed."""
-
-    prompt: Sequence[int]
-    max_new_tokens: int
-    constraint: Any = None
-
-
-@dataclass
 class Sampling:
     """Greedy when do_sample is off; else temperature, then top-k, then top-p (as in generate)."""
 
@@ -44,6 +43,80 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+
+@dataclass
+class Request:
+    """One prompt to answer.
+
+    `constraint` (e.g. grounded.GroundedAnswer) limits the tokens allowed; `sampling` replaces the
+    engine's for this request, and `seed` gives it a generator of its own, so that what it samples
+    does not depend on what else runs. Setting `cancelled` (from any thread) frees its slot at the
+    next step; the engine then reports it with the tokens it had.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    constraint: Any = None
+    sampling: Sampling | None = None
+    seed: int | None = None
+    cancelled: bool = False
+
+
+class Feed:
+    """Requests that arrive while the engine runs (a server's queue); `run` ends once it is closed and empty."""
+
+    def __init__(self, max_waiting: int | None = None) -> None:
+        self._waiting: deque[tuple[int, Request]] = deque()
+        self._ready = threading.Condition()
+        self._next = 0
+        self._closed = False
+        self.max_waiting = max_waiting
+
+    def put(self, request: Request) -> int:
+        """Queue a request; its index is what `run` reports it under. Raises `Full` or `Closed`."""
+        _check(request)
+        with self._ready:
+            if self._closed:
+                raise Closed("the engine is shutting down")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise Full(f"{len(self._waiting)} requests are already waiting")
+            index = self._next
+            self._next += 1
+            self._waiting.append((index, request))
+            self._ready.notify()
+        return index
+
+    def waiting(self) -> int:
+        with self._ready:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def take(self, block: bool) -> tuple[list[tuple[int, Request]], bool]:
+        """What has arrived (waiting for something when `block`), and whether the feed is closed."""
+        with self._ready:
+            while block and not self._waiting and not self._closed:
+                self._ready.wait()
+            taken = list(self._waiting)
+            self._waiting.clear()
+            return taken, self._closed
+
+
+class Full(RuntimeError):
+    """The feed's queue is at its limit."""
+
+
+class Closed(RuntimeError):
+    """The feed takes no more requests."""
+
+
+def _check(request: Request) -> None:
+    if request.max_new_tokens < 1 or not len(request.prompt):
+        raise ValueError("every request needs a prompt and max_new_tokens >= 1")
 
 
 def supported(model) -> str | None:
@@ -117,9 +190,22 @@ def _round_up(n: int, step: int) -> int:
 
 @dataclass
 class _Slot:
-    index: int  # the request's position in the list given to run()
+    index: int  # the request's index: its position in the list given to run(), or the feed's number
     request: Request
+    issued: int = 1  # tokens asked of the device so far (the prefill makes the first)
     tokens: list[int] = field(default_factory=list)
+    generator: Any = None
+
+
+@dataclass
+class _Launched:
+    """A step on the device whose tokens the host has not read yet."""
+
+    host: Any  # the step's tokens, copied to host memory when the device gets there
+    ready: Any  # a CUDA event (None on the CPU, where the copy is done when launched)
+    rows: list[tuple[int, int, _Slot]]  # (row of `host`, slot, the slot's request then)
+    kind: str
+    timing: tuple[Any, Any] | None = None
 
 
 class Engine:
@@ -142,6 +228,7 @@ class Engine:
         self.length_step = length_step
         self.cuda_graphs = cuda_graphs and self.m.device.type == "cuda"
         self.last_stats: dict[str, Any] = {}
+        self.k = self.v = None
 
     # ------------------------------------------------------------------ memory
 
@@ -187,12 +274,10 @@ class Engine:
         import torch
 
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
-        ids = ids.to(self.m.device)
-        positions = torch.arange(width, device=self.m.device).expand(len(prompts), width)
-        index = torch.as_tensor(slots, device=self.m.device)
+        device = self.m.device
+        ids = self._to_device([list(p) + [self.pad_id] * (width - len(p)) for p in prompts])
+        positions = torch.arange(width, device=device).expand(len(prompts), width)
+        index = self._to_device(slots)
 
         def write(i, k, v):
             self.k[i][index, :, :width] = k
@@ -201,13 +286,14 @@ class Engine:
         # Right padding: causal attention alone keeps every real token from seeing the padding.
         hidden = self._forward(ids, positions, write,
                                lambda i, q, k, v: _attention(q, k, v, causal=True, scale=self.m.scaling))
-        last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.m.device)
-        return self.m.head(hidden[torch.arange(len(prompts), device=self.m.device), last])
+        last = self._to_device([len(p) - 1 for p in prompts])
+        return self.m.head(hidden[torch.arange(len(prompts), device=device), last])
 
-    def _decode(self, tokens, positions, rows: int, span: int):
-        """One token for slots [0, rows): each at its own position, attending to its first `span` keys."""
+    def _decode(self, tokens, positions, span: int):
+        """One token for every slot, each at its own position, attending to its first `span` keys."""
         import torch
 
+        rows = len(tokens)
         arange = torch.arange(rows, device=self.m.device)
         mask = (torch.arange(span, device=self.m.device)[None, :] <= positions[:, None])[:, None, None, :]
 
@@ -216,185 +302,322 @@ class Engine:
             self.v[i][arange, :, positions] = v[:, :, 0]
 
         def attend(i, q, k, v):
-            return _attention(q, self.k[i][:rows, :, :span], self.v[i][:rows, :, :span], mask=mask,
-                              scale=self.m.scaling)
+            return _attention(q, self.k[i][:, :, :span], self.v[i][:, :, :span], mask=mask, scale=self.m.scaling)
 
         hidden = self._forward(tokens[:, None], positions[:, None], write, attend)
         return self.m.head(hidden[:, 0])
 
-    def _decode_graphed(self, tokens, positions, span: int):
-        """_decode over every slot, replayed from a CUDA graph per `span`.
+    def _step(self, span: int, greedy: bool):
+        """A decode step over the device-side state: active slots read their last token and position.
 
-        A decode step of a small model is hundreds of short kernels; launched one by one from
-        Python they take longer than they run. Every slot is decoded (idle ones on a pad at
-        position 0), so one graph per span serves every step.
+        Idle slots decode a pad at position 0: harmless, their cache is rewritten by their next
+        prefill, and it keeps every step one batch of fixed layout (what a CUDA graph needs).
+        With `greedy`, the argmax and the state update are part of the step, so the graph of a
+        plain greedy step holds everything and the host only launches it.
         """
         import torch
 
-        graph = self._graphs.get(span)
+        active = self._active
+        positions = torch.where(active, self._pos, 0)
+        logits = self._decode(torch.where(active, self._tok, self.pad_id), positions, span)
+        self._pos.add_(active.long())
+        if greedy:
+            self._tok.copy_(torch.where(active, logits.argmax(dim=-1), self._tok))
+        return logits
+
+    def _step_graphed(self, span: int, greedy: bool):
+        """_step, replayed from a CUDA graph per (span, greedy).
+
+        A decode step of a small model is hundreds of short kernels; launched one by one from
+        Python they take longer than they run.
+        """
+        import torch
+
+        key = (span, greedy)
+        graph = self._graphs.get(key)
         if graph is None:
-            self._tokens.copy_(tokens)
-            self._positions.copy_(positions)
+            began = time.perf_counter()
+            saved = self._tok.clone(), self._pos.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require
-                self._decode(self._tokens, self._positions, len(tokens), span)
+                self._step(span, greedy)
             torch.cuda.current_stream().wait_stream(side)
+            self._tok.copy_(saved[0])
+            self._pos.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._decode(self._tokens, self._positions, len(tokens), span)
-            self._graphs[span] = graph = (graph, out)
-        self._tokens.copy_(tokens)
-        self._positions.copy_(positions)
+                out = self._step(span, greedy)
+            # capturing recorded the step without running it; the state was restored after the warm-up
+            self._graphs[key] = graph = (graph, out)
+            self._stats["graph_captures"] += 1
+            self._stats["capture_s"] += time.perf_counter() - began
         graph[0].replay()
         return graph[1]
 
     # ------------------------------------------------------------------ choosing tokens
 
-    def _choose(self, logits, slots: list[_Slot | None]) -> list[int]:
+    def _choose(self, logits, rows: list[_Slot | None]):
+        """The next token of each row, on the device (rows that are None get the argmax, unused)."""
         import torch
 
-        logits = logits.float()
-        limited = [(row, s) for row, s in enumerate(slots) if s is not None and s.request.constraint is not None]
-        if limited:
+        constrained = [(row, s) for row, s in enumerate(rows) if s is not None and s.request.constraint is not None]
+        if constrained:
+            logits = logits.float()
             vocab = logits.shape[-1]
-            rows, cols = [], []
-            for row, s in limited:
+            r, c = [], []
+            for row, s in constrained:
                 allowed = s.request.constraint.allowed(len(s.tokens), vocab)
-                rows.append(torch.full((len(allowed),), row, dtype=torch.long))
-                cols.append(allowed)
-            r = torch.cat(rows).to(logits.device)
-            c = torch.cat(cols).to(logits.device)
-            keep = torch.as_tensor([row for row, _ in limited], device=logits.device)
+                r.append(torch.full((len(allowed),), row, dtype=torch.long))
+                c.append(allowed)
+            r = torch.cat(r).to(logits.device)
+            c = torch.cat(c).to(logits.device)
+            keep = self._to_device([row for row, _ in constrained])
             masked = torch.full_like(logits[keep], float("-inf"))
             lookup = torch.full((logits.shape[0],), -1, dtype=torch.long, device=logits.device)
-            lookup[keep] = torch.arange(len(limited), device=logits.device)
+            lookup[keep] = torch.arange(len(constrained), device=logits.device)
             masked[lookup[r], c] = logits[r, c]
             logits[keep] = masked
-        if not self.sampling.do_sample:
-            return logits.argmax(dim=-1).tolist()
-        return _sample(logits, self.sampling).tolist()
+        chosen = logits.argmax(dim=-1)
+        sampled: dict[tuple, list[int]] = {}
+        for row, s in enumerate(rows):
+            if s is None:
+                continue
+            sampling = s.request.sampling or self.sampling
+            if not sampling.do_sample:
+                continue
+            if s.generator is not None:  # a seed of its own: drawn alone, from its own generator
+                chosen[row] = _sample(logits[row:row + 1].float(), sampling, s.generator)[0]
+            else:
+                sampled.setdefault((sampling.temperature, sampling.top_k, sampling.top_p), []).append(row)
+        for (temperature, top_k, top_p), group in sampled.items():
+            index = self._to_device(group)
+            chosen[index] = _sample(logits[index].float(), Sampling(True, temperature, top_k, top_p))
+        return chosen
+
+    def _plain(self, s: _Slot) -> bool:
+        return s.request.constraint is None and not (s.request.sampling or self.sampling).do_sample
+
+    # ------------------------------------------------------------------ host <-> device
+
+    def _to_device(self, values: list[int]):
+        import torch
+
+        host = torch.tensor(values, dtype=torch.long, pin_memory=self.m.device.type == "cuda")
+        return host.to(self.m.device, non_blocking=True)
+
+    def _launch_read(self, tokens, rows: list[tuple[int, int, _Slot]], kind: str, timing) -> _Launched:
+        """Queue the copy of `tokens` to the host; the step is read later, by _read."""
+        import torch
+
+        if self.m.device.type != "cuda":
+            return _Launched(tokens.tolist(), None, rows, kind)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        if timing is not None:
+            timing[1].record()
+        return _Launched(host, ready, rows, kind, timing)
+
+    def _timing(self):
+        import torch
+
+        if self.m.device.type != "cuda":
+            return None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, requests: Sequence[Request],
-            on_token: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, list[int]]]:
+    def run(self, requests: Sequence[Request] | Feed,
+            on_token: Callable[[int, int], None] | None = None, *,
+            max_len: int | None = None) -> Iterator[tuple[int, list[int]]]:
         """Yield (request index, new tokens without the stop token) as each request finishes.
 
         `on_token(index, token)` sees every token as it is chosen (streaming). The cache is
-        allocated for these requests and freed when the last one is done.
+        allocated for these requests and freed when the last one is done. With a Feed, `max_len`
+        (prompt plus answer tokens) sizes the cache and longer requests are refused.
         """
         import torch
 
-        if not requests:
-            return
-        for r in requests:
-            if r.max_new_tokens < 1 or not len(r.prompt):
-                raise ValueError("every request needs a prompt and max_new_tokens >= 1")
-        max_len = _round_up(max(len(r.prompt) + r.max_new_tokens for r in requests), self.length_step)
-        n_slots = self.plan_slots(len(requests), max_len)
+        feed = requests if isinstance(requests, Feed) else None
+        if feed is None:
+            if not requests:
+                return
+            for r in requests:
+                _check(r)
+            max_len = _round_up(max(len(r.prompt) + r.max_new_tokens for r in requests), self.length_step)
+            known = dict(enumerate(requests))
+            # Longest prompts first: they are the ones whose padding would cost most if mixed, and a
+            # long answer started late is what makes the tail of a run.
+            queue = deque(sorted(known, key=lambda i: -len(known[i].prompt)))
+            wanted = len(requests)
+        else:
+            if max_len is None:
+                raise ValueError("run() on a Feed needs max_len")
+            max_len = _round_up(max_len, self.length_step)
+            known, queue, wanted = {}, deque(), self.max_batch
+        n_slots = self.plan_slots(wanted, max_len)
+        device = self.m.device
         shape = (n_slots, self.m.n_kv, max_len, self.m.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.m.dtype, device=self.m.device) for _ in self.m.layers]
-        self.v = [torch.zeros(shape, dtype=self.m.dtype, device=self.m.device) for _ in self.m.layers]
-        # Longest prompts first: they are the ones whose padding would cost most if mixed, and a
-        # long answer started late is what makes the tail of a run.
-        queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt)))
+        self.k = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
+        self.v = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
+        # the device-side state a decode step reads and advances
+        self._tok = torch.full((n_slots,), self.pad_id, dtype=torch.long, device=device)
+        self._pos = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self._active = torch.zeros(n_slots, dtype=torch.bool, device=device)
         slots: list[_Slot | None] = [None] * n_slots
-        length = [0] * n_slots  # tokens in each slot's cache; the next one goes at this position
-        last = [self.pad_id] * n_slots  # each slot's newest token, the next decode step's input
-        stats = {"slots": n_slots, "max_len": max_len, "prefill_calls": 0, "decode_steps": 0,
-                 "kv_gib": n_slots * self._slot_bytes(max_len) / 2**30, "prefill_s": 0.0, "decode_s": 0.0,
-                 "cuda_graphs": self.cuda_graphs}
-        graphs = self.cuda_graphs
-        if graphs:
-            self._graphs: dict[int, Any] = {}
-            self._pool = torch.cuda.graph_pool_handle()
-            self._tokens = torch.zeros(n_slots, dtype=torch.long, device=self.m.device)
-            self._positions = torch.zeros(n_slots, dtype=torch.long, device=self.m.device)
+        length = [0] * n_slots  # each slot's cache length once its issued tokens are in
+        launched: deque[_Launched] = deque()
+        stats = self._stats = {"slots": n_slots, "max_len": max_len, "prefill_calls": 0, "decode_steps": 0,
+                               "kv_gib": n_slots * self._slot_bytes(max_len) / 2**30, "cuda_graphs": self.cuda_graphs,
+                               "graph_captures": 0, "capture_s": 0.0, "wait_s": 0.0, "prefill_gpu_s": 0.0,
+                               "decode_gpu_s": 0.0, "wall_s": 0.0}
         self.last_stats = stats
+        graphs = self.cuda_graphs
+        self._graphs: dict[Any, Any] = {}
+        if graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+        began = time.perf_counter()
 
-        def emit(slot: int, token: int) -> tuple[int, list[int]] | None:
+        def admit(index: int, request: Request, slot: int) -> None:
+            s = _Slot(index, request)
+            if request.seed is not None and (request.sampling or self.sampling).do_sample:
+                s.generator = torch.Generator(device=device).manual_seed(int(request.seed))
+            slots[slot] = s
+            length[slot] = len(request.prompt)
+
+        def finish(slot: int) -> tuple[int, list[int]]:
             s = slots[slot]
-            if token in self.stop_ids:
-                done = True
+            slots[slot] = None
+            return s.index, s.tokens
+
+        def read(step: _Launched) -> Iterator[tuple[int, list[int]]]:
+            if step.ready is not None:
+                waited = time.perf_counter()
+                step.ready.synchronize()
+                stats["wait_s"] += time.perf_counter() - waited
+                values = step.host.tolist()
+                if step.timing is not None:
+                    stats[f"{step.kind}_gpu_s"] += step.timing[0].elapsed_time(step.timing[1]) / 1000
             else:
+                values = step.host
+            for row, slot, s in step.rows:
+                if slots[slot] is not s:  # ended at an earlier step (this token is one step late) or cancelled
+                    continue
+                token = values[row]
+                if token in self.stop_ids:
+                    yield finish(slot)
+                    continue
                 s.tokens.append(token)
                 if s.request.constraint is not None:
                     s.request.constraint.advance(token)
                 if on_token is not None:
                     on_token(s.index, token)
-                done = len(s.tokens) >= s.request.max_new_tokens
-            if done:
-                slots[slot] = None
-                return s.index, s.tokens
-            last[slot] = token
-            return None
+                if len(s.tokens) >= s.request.max_new_tokens:
+                    yield finish(slot)
+
+        def drain(keep: int) -> Iterator[tuple[int, list[int]]]:
+            while len(launched) > keep:
+                yield from read(launched.popleft())
 
         try:
             with torch.inference_mode():
-                while queue or any(s is not None for s in slots):
+                closed = feed is None
+                while True:
+                    if feed is not None and not closed:
+                        idle = not queue and not launched and all(s is None for s in slots)
+                        arrived, closed = feed.take(block=idle)
+                        for index, request in arrived:
+                            if len(request.prompt) + request.max_new_tokens > max_len:
+                                request.cancelled = True  # too long for this cache: reported with no tokens
+                                yield index, []
+                                continue
+                            known[index] = request
+                            queue.append(index)
+                    for slot, s in enumerate(slots):
+                        if s is not None and s.request.cancelled:
+                            yield finish(slot)
+                    while queue and known[queue[0]].cancelled:
+                        index = queue.popleft()
+                        yield index, []
+                        del known[index]
+                    busy = [i for i, s in enumerate(slots) if s is not None]
+                    if not busy and not queue and not launched:
+                        if closed:
+                            break
+                        continue
                     free = [i for i, s in enumerate(slots) if s is None]
                     # Refill when enough slots are free to make a worthwhile prefill batch (or at the end).
-                    if free and queue and (len(free) >= min(len(queue), max(1, n_slots // 8))
-                                           or all(s is None for s in slots)):
+                    if free and queue and (len(free) >= min(len(queue), max(1, n_slots // 8)) or not busy):
                         chosen: list[int] = []
+                        width = 0  # the batch is padded to its longest prompt
                         while queue and len(chosen) < len(free):
-                            # padded to the first chosen, the longest: the queue is longest first
-                            width = len(requests[chosen[0] if chosen else queue[0]].prompt)
+                            width = max(width, len(known[queue[0]].prompt))
                             if chosen and (len(chosen) + 1) * width > self.prefill_tokens:
                                 break
                             chosen.append(queue.popleft())
                         targets = free[:len(chosen)]
                         for slot, index in zip(targets, chosen):
-                            slots[slot] = _Slot(index, requests[index])
-                            length[slot] = len(requests[index].prompt)
-                        began = time.perf_counter()
-                        logits = self._prefill(targets, [requests[i].prompt for i in chosen])
+                            admit(index, known.pop(index), slot)
+                        timing = self._timing()
+                        logits = self._prefill(targets, [slots[t].request.prompt for t in targets])
+                        tokens = self._choose(logits, [slots[t] for t in targets])
+                        index = self._to_device(targets)
+                        self._tok[index] = tokens
+                        self._pos[index] = self._to_device([length[t] for t in targets])
                         stats["prefill_calls"] += 1
-                        view = [slots[t] for t in targets]
-                        chosen_tokens = self._choose(logits, view)  # waits for the GPU: the time is the prefill's
-                        stats["prefill_s"] += time.perf_counter() - began
-                        for slot, token in zip(targets, chosen_tokens):
-                            finished = emit(slot, token)
-                            if finished:
-                                yield finished
+                        launched.append(self._launch_read(tokens, [(row, t, slots[t]) for row, t in enumerate(targets)],
+                                                          "prefill", timing))
+                        yield from drain(1)
                         continue
-                    active = [i for i, s in enumerate(slots) if s is not None]
-                    if not active:
+                    # the slots this step decodes: busy ones that still owe tokens
+                    step_slots = [i for i in busy if slots[i].issued < slots[i].request.max_new_tokens]
+                    if not step_slots:
+                        yield from drain(0)
                         continue
-                    rows = n_slots if graphs else active[-1] + 1
-                    span = min(max_len, _round_up(max(length[i] for i in active) + 1, self.length_step))
-                    # Idle slots below `rows` decode a pad at position 0: harmless, their cache is rewritten
-                    # by their next prefill, and it keeps every step one batch of fixed layout.
-                    tokens = torch.as_tensor([last[i] if slots[i] else self.pad_id for i in range(rows)],
-                                             device=self.m.device)
-                    positions = torch.as_tensor([length[i] if slots[i] else 0 for i in range(rows)],
-                                                device=self.m.device)
-                    began = time.perf_counter()
+                    greedy = all(self._plain(slots[i]) for i in step_slots)
+                    active = [False] * n_slots
+                    for i in step_slots:
+                        active[i] = True
+                    self._active.copy_(torch.tensor(active, pin_memory=device.type == "cuda"), non_blocking=True)
+                    span = min(max_len, _round_up(max(length[i] for i in step_slots) + 1, self.length_step))
+                    timing = self._timing()
                     if graphs:
                         try:
-                            logits = self._decode_graphed(tokens, positions, span)
+                            logits = self._step_graphed(span, greedy)
                         except RuntimeError as e:  # a layer that cannot be captured: decode eagerly from now on
                             graphs = self.cuda_graphs = False
                             stats["cuda_graphs"] = f"off: {type(e).__name__}: {str(e)[:200]}"
                             self._graphs = {}
-                            logits = self._decode(tokens, positions, rows, span)
+                            logits = self._step(span, greedy)
                     else:
-                        logits = self._decode(tokens, positions, rows, span)
+                        logits = self._step(span, greedy)
                     stats["decode_steps"] += 1
-                    for i in active:  # the step wrote each active slot's newest token into its cache
+                    rows = [(i, i, slots[i]) for i in step_slots]
+                    for i in step_slots:
+                        slots[i].issued += 1
                         length[i] += 1
-                    chosen_tokens = self._choose(logits, slots[:rows])
-                    stats["decode_s"] += time.perf_counter() - began
-                    for slot, token in enumerate(chosen_tokens):
-                        if slots[slot] is not None:
-                            finished = emit(slot, token)
-                            if finished:
-                                yield finished
+                    if not greedy:
+                        # the constraints and samplers need every token before this step's
+                        yield from drain(0)
+                        view: list[_Slot | None] = [None] * n_slots
+                        for _, i, s in rows:
+                            view[i] = s if slots[i] is s else None  # None: it ended at the step read last
+                        chosen_tokens = self._choose(logits, view)
+                        self._tok.copy_(torch.where(self._active, chosen_tokens, self._tok))
+                        launched.append(self._launch_read(chosen_tokens, rows, "decode", timing))
+                    else:
+                        launched.append(self._launch_read(self._tok, rows, "decode", timing))
+                    yield from drain(1)
         finally:
+            stats["wall_s"] = time.perf_counter() - began
             self.k = self.v = None
             self._graphs = {}
-            if self.m.device.type == "cuda":
+            self._tok = self._pos = self._active = None
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def generate(self, requests: Sequence[Request],
@@ -406,7 +629,7 @@ class Engine:
         return out  # type: ignore[return-value]
 
 
-def _sample(logits, sampling: Sampling):
+def _sample(logits, sampling: Sampling, generator=None):
     import torch
 
     logits = logits / max(sampling.temperature, 1e-6)
@@ -421,4 +644,4 @@ def _sample(logits, sampling: Sampling):
         ordered = ordered.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

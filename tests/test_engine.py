@@ -240,3 +240,90 @@ def test_an_adapter_merged_in_memory_predicts_as_the_merged_folder(tiny_ner_mode
                                           "--max_new_tokens", "16", *extra]) == 0
         outputs[name] = [json.loads(line)["output"] for line in open(out, encoding="utf-8")]
     assert outputs["memory"] == outputs["folder"]
+
+
+# --------------------------------------------------------------------------- requests arriving while it runs
+
+def test_a_feed_filled_while_the_engine_runs_gives_each_request_its_own_answer():
+    import threading
+
+    from cnqlora.engine import Feed
+
+    model = _random_model("llama")
+    prompts = _prompts(7, 300, seed=4)
+    expected = _reference(model, prompts, 12, stop=2)
+    feed = Feed()
+    engine = Engine(model, [2], pad_id=0, max_batch=3)
+    first = [feed.put(Request(p, 12)) for p in prompts[:2]]
+    got: dict[int, list[int]] = {}
+
+    def late():  # the rest arrive once the first answers are being decoded
+        started.wait()
+        for p in prompts[2:]:
+            feed.put(Request(p, 12))
+        feed.close()
+
+    started = threading.Event()
+    thread = threading.Thread(target=late)
+    thread.start()
+    for index, tokens in engine.run(feed, on_token=lambda i, t: started.set(), max_len=64):
+        got[index] = tokens
+    thread.join()
+    assert first == [0, 1]
+    assert [got[i] for i in range(7)] == expected
+    assert engine.k is None
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next():
+    from cnqlora.engine import Feed
+
+    model = _random_model("llama")
+    prompts = _prompts(3, 300, seed=5)
+    feed = Feed()
+    engine = Engine(model, [], pad_id=0, max_batch=1)  # one slot: the others wait for it
+    doomed = Request(prompts[0], 40)
+    feed.put(doomed)
+    feed.put(Request(prompts[1], 5))
+    feed.put(Request(prompts[2], 5))
+    feed.close()
+
+    def cancel(index, token):
+        if index == 0:
+            doomed.cancelled = True
+
+    got = dict(engine.run(feed, on_token=cancel, max_len=64))
+    assert 1 <= len(got[0]) < 40  # stopped after its first tokens, not run to its limit
+    assert got[1] == _reference(model, [prompts[1]], 5, stop=-1)[0]
+    assert got[2] == _reference(model, [prompts[2]], 5, stop=-1)[0]
+
+
+def test_a_full_or_closed_feed_refuses_requests():
+    from cnqlora.engine import Closed, Feed, Full
+
+    feed = Feed(max_waiting=1)
+    feed.put(Request([5, 6], 2))
+    with pytest.raises(Full):
+        feed.put(Request([5, 6], 2))
+    closed = Feed()
+    closed.close()
+    with pytest.raises(Closed):
+        closed.put(Request([5], 1))
+    with pytest.raises(ValueError):
+        Feed().put(Request([], 1))
+
+
+def test_a_seeded_request_samples_the_same_alone_and_among_others():
+    model = _random_model("llama")
+    prompts = _prompts(5, 300, seed=6)
+    sampling = Sampling(do_sample=True, temperature=1.5, top_p=0.95)
+    engine = Engine(model, [2], pad_id=0)
+    alone = engine.generate([Request(prompts[0], 10, sampling=sampling, seed=7)])[0]
+    torch.manual_seed(123)  # what the others draw from must not matter
+    crowd = engine.generate([Request(prompts[0], 10, sampling=sampling, seed=7)]
+                            + [Request(p, 10, sampling=sampling) for p in prompts[1:]])
+    assert crowd[0] == alone
+    other_seed = engine.generate([Request(prompts[0], 10, sampling=sampling, seed=8)])[0]
+    assert other_seed != alone
+    # greedy requests beside sampled ones stay greedy
+    mixed = engine.generate([Request(prompts[1], 10), Request(prompts[2], 10, sampling=sampling, seed=1)])
+    assert mixed[0] == _reference(model, [prompts[1]], 10, stop=2)[0]
