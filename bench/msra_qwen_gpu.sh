@@ -34,6 +34,8 @@
 #                                                # best_adapter (predict.py --average_adapters);
 #                                                # then `test NAME plain` etc.
 #   MODES="plain dev" ... all|sweep ...          # which tests `all` runs (default: plain grounded)
+#   TAG=.hf bash bench/msra_qwen_gpu.sh test RUN plain --engine hf --adapter_mode lora
+#                                                # the same test through another path, as test.plain.hf.*
 #
 # The GGUF pieces come from `shared/tools/qwen05b chunks DIR` (see bench/NOTES.md for how they
 # are moved). Results go to $OUT/RUN/ (metrics, predictions, logs).
@@ -88,7 +90,8 @@ train)
 test)
   run=${1:?run name}; mode=${2:?plain, grounded or dev}; shift 2
   flag=""; [ "$mode" = grounded ] && flag=--grounded
-  split=test; out=test.$mode; [ "$mode" = dev ] && split=dev && out=dev.plain
+  # TAG names a variant of the same test (e.g. TAG=.hf ... --engine hf), scored beside it
+  split=test; out=test.$mode${TAG:-}; [ "$mode" = dev ] && split=dev && out=dev.plain${TAG:-}
   adapter=(--lora_model $RUNS/$run/best_adapter); [ "$run" = zeroshot ] && adapter=()
   mkdir -p "$OUT/$run"
   if [ -f $RUNS/$run/$out.metrics.json ]; then echo "$run $mode: already scored"; else

@@ -414,10 +414,10 @@ class Engine:
             return _Launched(tokens.tolist(), None, rows, kind)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        if timing is not None:  # before `ready`: done once the host has waited for `ready`
+            timing[1].record()
         ready = torch.cuda.Event()
         ready.record()
-        if timing is not None:
-            timing[1].record()
         return _Launched(host, ready, rows, kind, timing)
 
     def _timing(self):

@@ -374,8 +374,9 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     bar = tqdm(total=len(todo), desc="predicting", unit="sent", dynamic_ncols=True)
     with open(path, mode, encoding="utf-8") as f:
         # Windows bound what an interruption loses: answers come back in any order, and a window's
-        # rows are written in input order once it is done.
-        window = max(gen.batch_size * 16, 1024)
+        # rows are written in input order once it is done. Each window is one engine run whose last
+        # answers decode with few slots busy, so windows are large (the official MSRA test is one).
+        window = max(gen.batch_size * 32, 8192)
         for begin in range(0, len(todo), window):
             part = range(begin, min(begin + window, len(todo)))
             grounding = _grounding(loaded, [todo[i] for i in part], types, gen) if args.grounded else {}

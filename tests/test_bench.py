@@ -310,3 +310,18 @@ def test_ner_vote_keeps_what_most_files_answer(tmp_path, capsys):
     other.write_text(json.dumps({"input": "x", "output": "没有", "reference": "没有"}) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="not predictions of the same inputs"):
         ner_vote.main(paths[:2] + [str(other)])
+
+
+def test_dev_f1_speed_times_both_paths_to_the_same_f1(tiny_ner_model_dir, adapter_dir, ner_data_dir, tmp_path):
+    dev_f1_speed = load("dev_f1_speed")
+    report = tmp_path / "dev.json"
+    assert dev_f1_speed.main(["--model", tiny_ner_model_dir, "--adapter", adapter_dir, "--dev",
+                              f"{ner_data_dir}/dev.txt", "--samples", "6", "--max_new_tokens", "8",
+                              "--device", "cpu", "--json", str(report)]) == 0
+    numbers = json.loads(report.read_text())
+    assert numbers["records"] == 6
+    assert numbers["engine"]["f1"] == numbers["generate"]["f1"]
+    assert numbers["speedup"] == round(numbers["generate"]["seconds"] / numbers["engine"]["seconds"], 2)
+
+
+from test_predict import adapter_dir  # noqa: E402,F401  (a fixture)
