@@ -964,6 +964,27 @@ class GroundedAnswer:
         eos = self.eos[self.eos < vocab]
         return _allowed_tokens(self.text, self.state, self.max_new_tokens - generated, vocab, eos)
 
+    def permits(self, token: int, generated: int, vocab: int) -> bool:
+        """Whether `token` is one of allowed(generated, vocab), without listing them.
+
+        The engine decodes grounded rows greedily without masks and checks each chosen token:
+        if the model's own choice is allowed it is also the best allowed one, and with a trained
+        model it nearly always is, so the allowed set is listed only for the rare rejected step.
+        """
+        token = int(token)
+        if not 0 <= token < vocab:
+            return False
+        left = self.max_new_tokens - generated
+        if self.state == _DONE or left <= 0:
+            return token in self.eos_set
+        if token in self.eos_set:
+            return bool(self.text.grammar.accepting[self.state])
+        data = self.trie.table[token] if token < len(self.trie.table) else None
+        if not data or token in self.text.forbidden:
+            return False
+        nxt = self.text.grammar.feed(self.state, data)
+        return nxt >= 0 and self.text.dist[nxt] <= left - 2
+
     def advance(self, token: int) -> None:
         if self.state != _DONE:
             self.state = _next_state(self.text, self.trie, self.eos_set, self.state, int(token), "grounded answer")

@@ -121,8 +121,11 @@ def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir):
         tokenizer, texts=[texts[i]], types=types, prompt_length=n, max_new_tokens=24))
     shared: dict = {}
     requests = [Request(p, 24, GroundedAnswer(tokenizer, t, types, 24, shared=shared)) for p, t in zip(prompts, texts)]
-    got = Engine(model, [eos], pad_id=tokenizer.pad_token_id, max_batch=2).generate(requests)
+    engine = Engine(model, [eos], pad_id=tokenizer.pad_token_id, max_batch=2)
+    got = engine.generate(requests)
     assert got == expected
+    # the random model's own choices are often refused: each refusal re-decoded its step masked
+    assert engine.last_stats["rewinds"] > 3
     # every answer is a complete, grounded one (the budget ended each on EOS, within 24 tokens)
     for request, tokens in zip(requests, got):
         assert request.constraint.text.grammar.accepts(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -327,3 +330,33 @@ def test_a_seeded_request_samples_the_same_alone_and_among_others():
     # greedy requests beside sampled ones stay greedy
     mixed = engine.generate([Request(prompts[1], 10), Request(prompts[2], 10, sampling=sampling, seed=1)])
     assert mixed[0] == _reference(model, [prompts[1]], 10, stop=2)[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(kind):
+    model = _random_model(kind)
+    g = torch.Generator().manual_seed(9)
+    head = torch.randint(3, 300, (20,), generator=g).tolist()
+    # tails of 1 to 25 tokens, one of them the shortest possible (the prefix plus one token)
+    prompts = [head + t for t in _prompts(8, 300, seed=8)] + [head + [7]]
+    stop = _stop_token_ending_rows_at_different_steps(model, prompts, 16)
+    expected = _reference(model, prompts, 16, stop)
+    engine = Engine(model, [stop], pad_id=0, max_batch=4, prefill_tokens=48)
+    assert engine.generate([Request(p, 16) for p in prompts]) == expected
+    assert engine.last_stats["shared_prefix"] == 20
+    assert engine.last_stats["prefill_calls"] > 2  # later prefills reuse the prefix too
+    engine.shared_prefix_min = 0  # off: the same answers, the whole prompts prefilled
+    assert engine.generate([Request(p, 16) for p in prompts]) == expected
+    assert engine.last_stats["shared_prefix"] == 0
+
+
+def test_prompts_sharing_too_little_are_prefilled_whole():
+    from cnqlora.engine import _shared_prefix
+
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == [1, 2]
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]  # each prompt keeps a token of its own
+    assert _shared_prefix([[4, 5], [6, 5]]) == []
+    model = _random_model("llama")
+    engine = Engine(model, [2], pad_id=0)
+    engine.generate([Request([5] * 10 + [6], 2), Request([5] * 10 + [7], 2)])
+    assert engine.last_stats["shared_prefix"] == 0  # 10 shared tokens: below shared_prefix_min (16)

@@ -663,3 +663,23 @@ def test_step_overhead(sp_model_path, tmp_path):
         f"{per_step:.2f} ms/step mean, {1000 * max(timings):.2f} ms worst step"
     )
     assert per_step < 250
+
+
+@pytest.mark.parametrize("kind", ["sp", "byte_level"])
+def test_permits_is_membership_in_the_allowed_tokens(kind, sp_model_path):
+    """The engine's cheap check against the full list, along random allowed paths and at every budget."""
+    from cnqlora.grounded import GroundedAnswer
+
+    tok = _get_tokenizer(kind, sp_model_path)
+    vocab = len(tok) + 3  # ids past the tokenizer (padded embedding rows) are never allowed
+    g = torch.Generator().manual_seed(0)
+    for text in TEXTS[:3]:
+        answer = GroundedAnswer(tok, text, TYPES, max_new_tokens=24)
+        for generated in range(24 + 1):
+            allowed = set(answer.allowed(generated, vocab).tolist())
+            permitted = {t for t in range(vocab) if answer.permits(t, generated, vocab)}
+            assert permitted == allowed, (text, generated)
+            if generated == 24 or answer.state == -2:
+                break
+            choice = sorted(allowed)[int(torch.randint(len(allowed), (1,), generator=g))]
+            answer.advance(choice)
