@@ -156,6 +156,7 @@ class _Model:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.scaling = getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        self.hidden_size = config.hidden_size
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
 
@@ -216,7 +217,7 @@ class Engine:
     def __init__(self, model, stop_ids: Sequence[int], pad_id: int, *, max_batch: int = 256,
                  prefill_tokens: int = 16384, kv_memory_fraction: float = 0.5, kv_max_gib: float | None = None,
                  sampling: Sampling | None = None, length_step: int = 64, cuda_graphs: bool = True,
-                 shared_prefix_min: int = 16) -> None:
+                 shared_prefix_min: int = 16, prefill_graphs: bool | None = None) -> None:
         reason = supported(model)
         if reason:
             raise ValueError(f"the generation engine cannot run this model: {reason}")
@@ -233,6 +234,14 @@ class Engine:
         # Prompts of one task share their template and instruction (MSRA's: 59 of 92 tokens on
         # average); a prefix at least this long is computed once per run (0: never).
         self.shared_prefix_min = shared_prefix_min
+        # A small model's prefill is launch-bound (Qwen-0.5B shape on an H200: ~70 ms of host time
+        # per call for ~10 ms of GPU work), so it is replayed from graphs of fixed shapes; a 7B
+        # model's is compute-bound, and padding rows to a graph's width would cost more than the
+        # launches. None: graphs for models up to 2,048 wide when CUDA graphs are on. On the CPU,
+        # True runs the fixed-shape path eagerly (how the tests check it).
+        if prefill_graphs is None:
+            prefill_graphs = self.cuda_graphs and self.m.hidden_size <= 2048
+        self.prefill_graphs = prefill_graphs
         self._prefix_len = 0
         self.last_stats: dict[str, Any] = {}
         self.k = self.v = None
@@ -298,13 +307,20 @@ class Engine:
         import torch
 
         start = self._prefix_len
-        device = self.m.device
         rest = [p[start:] for p in prompts]
         width = max(len(r) for r in rest)
-        rows = len(prompts)
         ids = self._to_device([list(r) + [self.pad_id] * (width - len(r)) for r in rest])
+        return self._prefill_pass(ids, self._to_device(slots), self._to_device([len(r) - 1 for r in rest]))
+
+    def _prefill_pass(self, ids, index, last):
+        """_prefill on device tensors: `ids` [rows, width] (suffixes after the shared prefix), their
+        slots and the position of each row's last token in `ids`."""
+        import torch
+
+        start = self._prefix_len
+        device = self.m.device
+        rows, width = ids.shape
         positions = torch.arange(start, start + width, device=device).expand(rows, width)
-        index = self._to_device(slots)
         if start:
             # query t sees every prefix key and the row's own keys up to t
             mask = (torch.arange(start + width, device=device)[None, :]
@@ -326,10 +342,71 @@ class Engine:
             return _attention(q, keys, values, mask=mask, scale=self.m.scaling)
 
         hidden = self._forward(ids, positions, write, attend)
-        last = self._to_device([len(r) - 1 for r in rest])
         logits = self.m.head(hidden[torch.arange(rows, device=device), last])
         self._vocab = logits.shape[-1]
         return logits
+
+    PREFILL_WIDTHS = (32, 64, 128, 256, 512)
+
+    def _prefill_shape(self, width: int) -> tuple[int, int] | None:
+        """(rows, width) of the fixed-shape prefill that takes suffixes up to `width` tokens."""
+        for w in self.PREFILL_WIDTHS:
+            if width <= w:
+                return max(1, min(self._n_slots, self.prefill_tokens // w)), w
+        return None
+
+    def _prefill_fixed(self, slots: list[int], prompts: list[Sequence[int]], shape: tuple[int, int]):
+        """_prefill padded to `shape` (rows to the scratch slot), argmax and state update included,
+        replayed from a CUDA graph per shape when graphs are on; returns each row's first token."""
+        import torch
+
+        rows, width = shape
+        start = self._prefix_len
+        rest = [list(p[start:]) for p in prompts]
+        pad = rows - len(rest)
+        ids = [r + [self.pad_id] * (width - len(r)) for r in rest] + [[self.pad_id] * width] * pad
+        lens = [len(p) for p in prompts] + [0] * pad
+        buffers = self._fixed.get(shape)
+        if buffers is None:
+            device = self.m.device
+            buffers = {"ids": torch.full(shape, self.pad_id, dtype=torch.long, device=device),
+                       "index": torch.full((rows,), self._scratch, dtype=torch.long, device=device),
+                       "last": torch.zeros(rows, dtype=torch.long, device=device),
+                       "lens": torch.zeros(rows, dtype=torch.long, device=device)}
+            self._fixed[shape] = buffers
+        buffers["ids"].copy_(self._to_device(ids), non_blocking=True)
+        buffers["index"].copy_(self._to_device(slots + [self._scratch] * pad), non_blocking=True)
+        buffers["last"].copy_(self._to_device([len(r) - 1 for r in rest] + [0] * pad), non_blocking=True)
+        buffers["lens"].copy_(self._to_device(lens), non_blocking=True)
+
+        def run():
+            logits = self._prefill_pass(buffers["ids"], buffers["index"], buffers["last"])
+            tokens = logits.argmax(dim=-1)
+            self._tok[buffers["index"]] = tokens
+            self._pos[buffers["index"]] = buffers["lens"]
+            return tokens
+
+        if not self.cuda_graphs:
+            return run()[:len(prompts)]
+        graph = self._graphs.get(("prefill", shape))
+        if graph is None:
+            began = time.perf_counter()
+            saved = self._tok.clone(), self._pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture; it writes only the rows' own slots
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            self._tok.copy_(saved[0])
+            self._pos.copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = run()
+            self._graphs[("prefill", shape)] = graph = (graph, out)
+            self._stats["graph_captures"] += 1
+            self._stats["capture_s"] += time.perf_counter() - began
+        graph[0].replay()
+        return graph[1][:len(prompts)]
 
     def _decode(self, tokens, positions, span: int):
         """One token for every slot, each at its own position, attending to its first `span` keys."""
@@ -524,13 +601,17 @@ class Engine:
             known, queue, wanted = {}, deque(), self.max_batch
         n_slots = self.plan_slots(wanted, max_len)
         device = self.m.device
-        shape = (n_slots, self.m.n_kv, max_len, self.m.head_dim)
+        # One slot more than requests can take: the scratch slot, where the padding rows of a
+        # fixed-shape prefill write (and which decode steps run idle).
+        n_total = n_slots + 1
+        self._n_slots, self._scratch, self._fixed = n_slots, n_slots, {}
+        shape = (n_total, self.m.n_kv, max_len, self.m.head_dim)
         self.k = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
         self.v = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
         # the device-side state a decode step reads and advances
-        self._tok = torch.full((n_slots,), self.pad_id, dtype=torch.long, device=device)
-        self._pos = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self._active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        self._tok = torch.full((n_total,), self.pad_id, dtype=torch.long, device=device)
+        self._pos = torch.zeros(n_total, dtype=torch.long, device=device)
+        self._active = torch.zeros(n_total, dtype=torch.bool, device=device)
         slots: list[_Slot | None] = [None] * n_slots
         length = [0] * n_slots  # each slot's cache length once its issued tokens are in
         launched: deque[_Launched] = deque()
@@ -541,7 +622,7 @@ class Engine:
         self._prefix_len = len(prefix)
         stats = self._stats = {"slots": n_slots, "max_len": max_len, "prefill_calls": 0, "decode_steps": 0,
                                "shared_prefix": len(prefix),
-                               "kv_gib": n_slots * self._slot_bytes(max_len) / 2**30, "cuda_graphs": self.cuda_graphs,
+                               "kv_gib": n_total * self._slot_bytes(max_len) / 2**30, "prefill_graph_calls": 0, "cuda_graphs": self.cuda_graphs,
                                "graph_captures": 0, "capture_s": 0.0, "rewinds": 0, "wait_s": 0.0, "prefill_gpu_s": 0.0,
                                "decode_gpu_s": 0.0, "wall_s": 0.0}
         self.last_stats = stats
@@ -643,20 +724,29 @@ class Engine:
                         chosen: list[int] = []
                         width = 0  # the batch is padded to its longest prompt
                         while queue and len(chosen) < len(free):
-                            width = max(width, len(known[queue[0]].prompt) - self._prefix_len)
-                            if chosen and (len(chosen) + 1) * width > self.prefill_tokens:
+                            wider = max(width, len(known[queue[0]].prompt) - self._prefix_len)
+                            shape = self._prefill_shape(wider) if self.prefill_graphs else None
+                            fits = shape[0] if shape else self.prefill_tokens // wider
+                            if chosen and len(chosen) + 1 > fits:
                                 break
                             chosen.append(queue.popleft())
+                            width = wider
                         targets = free[:len(chosen)]
                         for slot, index in zip(targets, chosen):
                             admit(index, known.pop(index), slot)
+                        prompts = [slots[t].request.prompt for t in targets]
+                        shape = self._prefill_shape(width) if self.prefill_graphs else None
                         timing = self._timing()
                         with torch.profiler.record_function("engine.prefill"):
-                            logits = self._prefill(targets, [slots[t].request.prompt for t in targets])
-                            tokens = self._choose(logits, [slots[t] for t in targets])
-                        index = self._to_device(targets)
-                        self._tok[index] = tokens
-                        self._pos[index] = self._to_device([length[t] for t in targets])
+                            if shape and all(self._plain(slots[t]) for t in targets):
+                                tokens = self._prefill_fixed(targets, prompts, shape)
+                                stats["prefill_graph_calls"] += 1
+                            else:
+                                logits = self._prefill(targets, prompts)
+                                tokens = self._choose(logits, [slots[t] for t in targets])
+                                index = self._to_device(targets)
+                                self._tok[index] = tokens
+                                self._pos[index] = self._to_device([length[t] for t in targets])
                         stats["prefill_calls"] += 1
                         launched.append(self._launch_read(
                             tokens, [(row, t, slots[t], 0) for row, t in enumerate(targets)], "prefill", timing))
@@ -674,7 +764,7 @@ class Engine:
                         index = self._to_device([r[0] for r in live])
                         self._tok[index] = self._to_device([r[1] for r in live])
                         self._pos[index] = self._to_device([r[2] for r in live])
-                    active = [False] * n_slots
+                    active = [False] * n_total
                     for i in step_slots:
                         active[i] = True
                     self._active.copy_(torch.tensor(active, pin_memory=device.type == "cuda"), non_blocking=True)
@@ -690,7 +780,7 @@ class Engine:
                     if not greedy:
                         # the constraints and samplers need every token before this step's
                         yield from drain(0)
-                        view: list[_Slot | None] = [None] * n_slots
+                        view: list[_Slot | None] = [None] * n_total
                         for _, i, s, gen in rows:  # None: ended or rewound at the step read last
                             view[i] = s if slots[i] is s and s.gen == gen else None
                         chosen_tokens = self._choose(logits, view)
@@ -709,6 +799,7 @@ class Engine:
             self._tok = self._pos = self._active = None
             self._pk = self._pv = None
             self._prefix_len = 0
+            self._fixed = {}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -32,19 +32,24 @@ class DevNerEvaluator:
     """Scores a model's greedy answers on dev records (entity-level P/R/F1 and format checks)."""
 
     def __init__(self, tokenizer, template: str, records: list[dict[str, Any]], types: list[str] | None = None,
-                 batch_size: int = 64, max_new_tokens: int = 96) -> None:
-        """`types`: those of the training answers when known; default: those of the dev answers."""
+                 batch_size: int = 64, max_new_tokens: int = 96, engine_slots: int = 256) -> None:
+        """`types`: those of the training answers when known; default: those of the dev answers.
+
+        `batch_size` is for transformers' generate; the engine decodes `engine_slots` answers at
+        once (fewer when the GPU's free memory is short: it sizes its cache from what is free).
+        """
         self.tokenizer = tokenizer
         self.records = records
         self.types = types
         self.prompts = [encode_prompt(tokenizer, template, r["instruct"], r["query"]).ids for r in records]
         self.gen = GenerationArgs(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        self.engine_slots = engine_slots
 
     def __call__(self, model) -> dict[str, Any]:
         was_training = model.training
         model.eval()
         try:
-            predictions = answer_many(model, self.tokenizer, self.prompts, self.gen)
+            predictions = answer_many(model, self.tokenizer, self.prompts, self.gen, engine_slots=self.engine_slots)
         finally:
             if was_training:
                 model.train()

@@ -179,19 +179,23 @@ def engine_reason(model, args: GenerationArgs) -> str | None:
 
 def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: GenerationArgs,
                 constraints: Sequence[Any] | None = None, on_answer: Callable[[int, str], None] | None = None,
-                on_token: Callable[[int, int], None] | None = None, grounded_factory=None) -> list[str]:
+                on_token: Callable[[int, int], None] | None = None, grounded_factory=None,
+                engine_slots: int | None = None) -> list[str]:
     """Answers to many prompts: through the engine when it can run the model, else batched generate.
 
     This is the one way prediction files, chat, the dev F1 and the server decode. `on_answer(i, text)`
     is called as each answer is done (in no fixed order with the engine); `on_token(i, id)` streams.
     Grounded decoding comes as `constraints` (one grounded.GroundedAnswer per prompt) for the engine
     and as `grounded_factory(indices)` (a logits_processor_factory for those prompts) for generate.
+    `engine_slots` overrides args.batch_size for the engine (its KV-cache slots), which decodes
+    many rows for the price of few where generate's batches would run out of memory.
     """
     answers: list[str | None] = [None] * len(prompts)
     if engine_reason(model, args) is None:
         from .engine import Engine, Request, Sampling
 
-        engine = Engine(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, max_batch=args.batch_size,
+        engine = Engine(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id,
+                        max_batch=engine_slots or args.batch_size,
                         sampling=Sampling(args.do_sample, args.temperature, args.top_k, args.top_p))
         requests = [Request(p, args.max_new_tokens, constraints[i] if constraints else None)
                     for i, p in enumerate(prompts)]

@@ -54,14 +54,14 @@ def _stop_token_ending_rows_at_different_steps(model, prompts, max_new_tokens):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("max_batch", [64, 3])
-def test_greedy_tokens_equal_generate_for_mixed_lengths_and_uneven_ends(kind, max_batch):
+@pytest.mark.parametrize("max_batch,fixed_shapes", [(64, False), (3, False), (3, True)])
+def test_greedy_tokens_equal_generate_for_mixed_lengths_and_uneven_ends(kind, max_batch, fixed_shapes):
     model = _random_model(kind)
     prompts = _prompts(10, 300)
     stop = _stop_token_ending_rows_at_different_steps(model, prompts, 20)
     expected = _reference(model, prompts, 20, stop)
     assert len({len(e) for e in expected}) >= 3  # rows really end at different steps
-    engine = Engine(model, [stop], pad_id=0, max_batch=max_batch, prefill_tokens=64)
+    engine = Engine(model, [stop], pad_id=0, max_batch=max_batch, prefill_tokens=64, prefill_graphs=fixed_shapes)
     got = engine.generate([Request(p, 20) for p in prompts])
     assert got == expected
     stats = engine.last_stats
@@ -192,9 +192,11 @@ def test_predict_file_gives_the_same_answers_with_the_engine_and_with_generate(t
     assert [r["line"] for r in rows["auto"]] == list(range(1, 13))  # input order, whatever the finishing order
 
 
-def test_the_dev_f1_evaluator_scores_the_same_with_the_engine_and_with_generate(tiny_ner_model_dir, ner_data_dir):
+def test_the_dev_f1_evaluator_scores_the_same_with_the_engine_and_with_generate(tiny_ner_model_dir, ner_data_dir,
+                                                                               monkeypatch):
     import json
 
+    from cnqlora import engine
     from cnqlora.evaluation import DevNerEvaluator
     from cnqlora.models import ModelArgs, load_model, load_tokenizer
 
@@ -202,8 +204,13 @@ def test_the_dev_f1_evaluator_scores_the_same_with_the_engine_and_with_generate(
     model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"))
     with open(f"{ner_data_dir}/dev.txt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f][:10]
-    evaluator = DevNerEvaluator(tokenizer, "baichuan", records, batch_size=4, max_new_tokens=12)
+    slots = []
+    init = engine.Engine.__init__
+    monkeypatch.setattr(engine.Engine, "__init__",
+                        lambda self, *a, **k: slots.append(k["max_batch"]) or init(self, *a, **k))
+    evaluator = DevNerEvaluator(tokenizer, "baichuan", records, batch_size=4, max_new_tokens=12, engine_slots=7)
     with_engine = evaluator(model)
+    assert slots == [7]  # the engine's slots, not generate's batch size
     evaluator.gen.engine = "hf"
     assert evaluator(model) == with_engine
 
@@ -333,7 +340,8 @@ def test_a_seeded_request_samples_the_same_alone_and_among_others():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_a_shared_prefix_is_computed_once_and_changes_no_token(kind):
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(kind, fixed_shapes):
     model = _random_model(kind)
     g = torch.Generator().manual_seed(9)
     head = torch.randint(3, 300, (20,), generator=g).tolist()
@@ -341,9 +349,11 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_token(kind):
     prompts = [head + t for t in _prompts(8, 300, seed=8)] + [head + [7]]
     stop = _stop_token_ending_rows_at_different_steps(model, prompts, 16)
     expected = _reference(model, prompts, 16, stop)
-    engine = Engine(model, [stop], pad_id=0, max_batch=4, prefill_tokens=48)
+    # fixed_shapes: the prefill padded to the shapes its CUDA graphs have on a GPU, run eagerly
+    engine = Engine(model, [stop], pad_id=0, max_batch=4, prefill_tokens=48, prefill_graphs=fixed_shapes)
     assert engine.generate([Request(p, 16) for p in prompts]) == expected
     assert engine.last_stats["shared_prefix"] == 20
+    assert (engine.last_stats["prefill_graph_calls"] > 0) == fixed_shapes
     assert engine.last_stats["prefill_calls"] > 2  # later prefills reuse the prefix too
     engine.shared_prefix_min = 0  # off: the same answers, the whole prompts prefilled
     assert engine.generate([Request(p, 16) for p in prompts]) == expected
