@@ -347,12 +347,20 @@ class Engine:
         return logits
 
     PREFILL_WIDTHS = (32, 64, 128, 256, 512)
+    PREFILL_ROWS = (16, 64, 256)
 
-    def _prefill_shape(self, width: int) -> tuple[int, int] | None:
-        """(rows, width) of the fixed-shape prefill that takes suffixes up to `width` tokens."""
+    def _prefill_shape(self, width: int, rows: int | None = None) -> tuple[int, int] | None:
+        """(rows, width) of the smallest fixed-shape prefill that takes `rows` suffixes (default:
+        as many as fit) of up to `width` tokens; None when none does (the prefill then runs eagerly)."""
         for w in self.PREFILL_WIDTHS:
             if width <= w:
-                return max(1, min(self._n_slots, self.prefill_tokens // w)), w
+                if self._prefix_len + w > self._max_len:  # past the cache's end
+                    return None
+                most = max(1, min(self._n_slots, self.prefill_tokens // w))
+                for r in self.PREFILL_ROWS:
+                    if r >= most or (rows is not None and r >= rows):
+                        return min(r, most), w
+                return most, w
         return None
 
     def _prefill_fixed(self, slots: list[int], prompts: list[Sequence[int]], shape: tuple[int, int]):
@@ -604,7 +612,7 @@ class Engine:
         # One slot more than requests can take: the scratch slot, where the padding rows of a
         # fixed-shape prefill write (and which decode steps run idle).
         n_total = n_slots + 1
-        self._n_slots, self._scratch, self._fixed = n_slots, n_slots, {}
+        self._n_slots, self._scratch, self._fixed, self._max_len = n_slots, n_slots, {}, max_len
         shape = (n_total, self.m.n_kv, max_len, self.m.head_dim)
         self.k = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
         self.v = [torch.zeros(shape, dtype=self.m.dtype, device=device) for _ in self.m.layers]
@@ -735,7 +743,7 @@ class Engine:
                         for slot, index in zip(targets, chosen):
                             admit(index, known.pop(index), slot)
                         prompts = [slots[t].request.prompt for t in targets]
-                        shape = self._prefill_shape(width) if self.prefill_graphs else None
+                        shape = self._prefill_shape(width, len(targets)) if self.prefill_graphs else None
                         timing = self._timing()
                         with torch.profiler.record_function("engine.prefill"):
                             if shape and all(self._plain(slots[t]) for t in targets):
