@@ -398,21 +398,12 @@ class Engine:
             return run()[:len(prompts)]
         graph = self._graphs.get(("prefill", shape))
         if graph is None:
-            began = time.perf_counter()
-            saved = self._tok.clone(), self._pos.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture; it writes only the rows' own slots
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            self._tok.copy_(saved[0])
-            self._pos.copy_(saved[1])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = run()
-            self._graphs[("prefill", shape)] = graph = (graph, out)
-            self._stats["graph_captures"] += 1
-            self._stats["capture_s"] += time.perf_counter() - began
+            try:
+                graph = self._graphs[("prefill", shape)] = self._capture("prefill", run)
+            except RuntimeError as e:  # a layer that cannot be captured: prefill eagerly from now on
+                self.prefill_graphs = False
+                self._stats["prefill_graphs"] = f"off: {type(e).__name__}: {str(e)[:200]}"
+                return run()[:len(prompts)]
         graph[0].replay()
         return graph[1][:len(prompts)]
 
@@ -463,24 +454,37 @@ class Engine:
         key = (span, greedy)
         graph = self._graphs.get(key)
         if graph is None:
-            began = time.perf_counter()
+            graph = self._graphs[key] = self._capture("decode", lambda: self._step(span, greedy))
+        graph[0].replay()
+        return graph[1]
+
+    def _capture(self, kind: str, step: Callable[[], Any]) -> tuple[Any, Any]:
+        """A CUDA graph of `step` (which updates the slot state) and its output.
+
+        The first graph of each kind in a run is preceded by a warm-up pass on a side stream, as
+        CUDA graphs require (lazy initialisation must not happen inside a capture); its effect on
+        the slot state is undone. Later shapes of the kind skip it: on a launch-bound model each
+        pass costs as much as the step itself, and captures were a third of a 0.5B run.
+        """
+        import torch
+
+        began = time.perf_counter()
+        if kind not in self._warmed:
             saved = self._tok.clone(), self._pos.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs require
-                self._step(span, greedy)
+            with torch.cuda.stream(side):
+                step()
             torch.cuda.current_stream().wait_stream(side)
             self._tok.copy_(saved[0])
             self._pos.copy_(saved[1])
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(span, greedy)
-            # capturing recorded the step without running it; the state was restored after the warm-up
-            self._graphs[key] = graph = (graph, out)
-            self._stats["graph_captures"] += 1
-            self._stats["capture_s"] += time.perf_counter() - began
-        graph[0].replay()
-        return graph[1]
+            self._warmed.add(kind)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()  # recorded, not run: the replay that follows runs it
+        self._stats["graph_captures"] += 1
+        self._stats["capture_s"] += time.perf_counter() - began
+        return graph, out
 
     def _launch_step(self, span: int, greedy: bool):
         """A decode step, from its CUDA graph when graphs are on (and can be captured)."""
@@ -635,6 +639,7 @@ class Engine:
                                "decode_gpu_s": 0.0, "wall_s": 0.0}
         self.last_stats = stats
         self._graphs: dict[Any, Any] = {}
+        self._warmed: set[str] = set()
         if self.cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()
         began = time.perf_counter()
@@ -776,7 +781,9 @@ class Engine:
                     for i in step_slots:
                         active[i] = True
                     self._active.copy_(torch.tensor(active, pin_memory=device.type == "cuda"), non_blocking=True)
-                    span = min(max_len, _round_up(max(length[i] for i in step_slots) + 1, self.length_step))
+                    # A small model's step costs its launches, not its cache reads: one span, one graph.
+                    span = max_len if self.prefill_graphs else min(
+                        max_len, _round_up(max(length[i] for i in step_slots) + 1, self.length_step))
                     timing = self._timing()
                     with torch.profiler.record_function("engine.decode"):
                         logits = self._launch_step(span, greedy)
