@@ -14,9 +14,11 @@ another model is not, and callers then fall back to `model.generate`.
 
 The chosen tokens stay on the device: the next step is launched before the host reads the
 last one, so the GPU never waits for Python to look at a token (a row that ended is noticed one
-step late and that step's token for it is dropped). Only grounded decoding needs the host
-between steps, for the allowed tokens of the next one; it reads the previous step while the
-device runs the current step's forward pass.
+step late and that step's token for it is dropped). The first tokens that all prompts of a run
+share (a task's template and instruction) are prefilled once. A small model's prefill and decode
+steps are replayed from CUDA graphs, since launching their many small kernels one by one costs
+more than running them. Grounded rows decode like plain ones; a token their constraint refuses
+sends the row back one step, decoded then with the mask (`_masked`, `rewind` in `run`).
 
 Greedy answers equal `model.generate`'s token for token (tests/test_engine.py): each row attends
 only to its own cache slot, so its answer does not depend on what else is being decoded.
@@ -304,8 +306,6 @@ class Engine:
         With a shared prefix in the cache (`_prefix_len` tokens), only the rest of each prompt is
         computed: its queries attend to the prefix's stored keys and causally to their own.
         """
-        import torch
-
         start = self._prefix_len
         rest = [p[start:] for p in prompts]
         width = max(len(r) for r in rest)
@@ -449,8 +449,6 @@ class Engine:
         A decode step of a small model is hundreds of short kernels; launched one by one from
         Python they take longer than they run.
         """
-        import torch
-
         key = (span, greedy)
         graph = self._graphs.get(key)
         if graph is None:
