@@ -232,6 +232,22 @@ def test_ner_answers_grounded_entities_with_offsets(server, queries):
     assert all(line == "没有" or line.endswith("_地名") for line in only["answer"].split("\n"))
 
 
+def test_grounded_chat_answers_only_with_entities_of_the_text(server, client, queries):
+    from cnqlora.metrics import parse_answer
+
+    server.service.args.grounded = True  # as --grounded: the user message's text grounds the answer
+    try:
+        for query in queries[8:11]:
+            answer = chat(client, query, max_tokens=40).choices[0].message.content
+            parsed = parse_answer(answer, TYPES)
+            assert parsed.well_formed, answer
+            assert all(entity in query for entity, _ in parsed.entities), answer
+    finally:
+        server.service.args.grounded = False
+    free = [chat(client, q, max_tokens=40).choices[0].message.content for q in queries[8:11]]
+    assert not all(parse_answer(a, TYPES).well_formed for a in free)  # the grounding did the work
+
+
 def test_entity_offsets_cover_every_mention_and_never_overlap():
     text = "北京大学在北京，北京大学很大。张三"
     spans, unplaced = locate_entities(text, [("北京", "地名"), ("北京大学", "机构名"), ("张三", "人名"),
