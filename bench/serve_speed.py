@@ -141,35 +141,6 @@ def file_mode(model, tokenizer, prompts: list[list[int]], targets: list[int], sl
             "new_tokens_per_s": sum(targets) / seconds, "slots": engine.last_stats.get("slots")}
 
 
-class Running:
-    """The server in this process: uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, service) -> None:
-        import threading
-
-        import uvicorn
-
-        from cnqlora.serving import Server, bind, create_app
-
-        self.sock = bind("127.0.0.1", 0)
-        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=10)
-        self.server = Server(config, service)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 120
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
-
-
 def server_main(args) -> int:
     import tempfile
 
@@ -179,7 +150,7 @@ def server_main(args) -> int:
     from cnqlora.generation import GenerationArgs
     from cnqlora.inference import Loaded, PredictArgs
     from cnqlora.models import resolve_dtype
-    from cnqlora.serving import ServeArgs, Service
+    from cnqlora.serving import ServeArgs, ServerThread, Service
 
     phases, budget, device, report = common.begin(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="cnqlora-serve-bench-")
@@ -222,7 +193,7 @@ def server_main(args) -> int:
     service = Service(loaded, PredictArgs(), GenerationArgs(batch_size=args.slots),
                       ServeArgs(max_context=max_context, max_tokens_limit=max(targets), max_queue=max(len(bodies), 1),
                                 max_body_bytes=1 << 20), stop_ids=[])
-    running = Running(service)
+    running = ServerThread(service, drain_timeout=10)
     try:
         with phases("warm-up"):
             run_clients(running.url, bodies[:min(len(bodies), args.slots)], min(len(bodies), args.slots), workdir)

@@ -24,6 +24,7 @@ Decisions where the OpenAI API and the model disagree (docs/predict.md, "Serving
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -162,10 +163,12 @@ class Job:
         self.completion_tokens = 0
         self.changed = asyncio.Event()
         self.error: str | None = None
+        self.abandoned = False  # its client left before the answer was done
         # incremental detokenisation: text of tokens[prefix:read] is already in self.text
         self._prefix = self._read = 0
 
-    def cancel(self) -> None:
+    def cancel(self, abandoned: bool = False) -> None:
+        self.abandoned = self.abandoned or abandoned
         self.request.cancelled = True
 
     @property
@@ -260,7 +263,7 @@ class Service:
                              max_batch=gen.batch_size,
                              sampling=Sampling(gen.do_sample, gen.temperature, gen.top_k, gen.top_p))
         self.max_len = serve_args.max_context
-        self.feed = Feed(max_waiting=serve_args.max_queue)
+        self.feed = Feed()  # bounded by capacity() in submit: the engine drains the feed at every step
         self.jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
         self._shared: dict = {}  # grounded decoding's per-tokenizer context, built once
@@ -285,7 +288,7 @@ class Service:
                     job = self.jobs.pop(index, None)
                 if job is None:
                     continue
-                self.counts["cancelled" if job.request.cancelled else "completed"] += 1
+                self.counts["cancelled" if job.abandoned else "completed"] += 1
                 self._call(job.end, tokens)
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
             self.failure = f"{type(e).__name__}: {e}"
@@ -314,7 +317,7 @@ class Service:
 
     def submit(self, prompt: list[int], max_tokens: int, stops: Sequence[str] = (), sampling=None,
                seed: int | None = None, constraint=None) -> Job:
-        from .engine import Closed, Full, Request
+        from .engine import Closed, Request
 
         if self.failure is not None:
             raise ApiError(503, "the generation engine has failed; restart the server", "engine_failed")
@@ -329,10 +332,6 @@ class Service:
                                "later", "queue_full", headers={"Retry-After": "1"})
             try:
                 index = self.feed.put(request)
-            except Full:
-                self.counts["rejected_full"] += 1
-                raise ApiError(429, "the queue is full; retry later", "queue_full",
-                               headers={"Retry-After": "1"}) from None
             except Closed:
                 raise ApiError(503, "the server is shutting down", "shutting_down") from None
             self.jobs[index] = job
@@ -348,7 +347,7 @@ class Service:
         if self.thread.is_alive():
             with self._lock:
                 for job in self.jobs.values():
-                    job.cancel()
+                    job.cancel(abandoned=True)
             self.thread.join(10)
 
     # ------------------------------------------------------------- text and prompts
@@ -393,7 +392,7 @@ def _schemas():
         top_p: float | None = Field(None, gt=0, le=1)
         top_k: int | None = Field(None, ge=0)
         stop: str | list[str] | None = None
-        seed: int | None = None
+        seed: int | None = Field(None, ge=0, lt=2**63)  # what a torch generator takes
         n: int = Field(1, ge=1)
         stream_options: dict[str, Any] | None = None
         frequency_penalty: float | None = None
@@ -643,7 +642,7 @@ def create_app(service: "Service"):
                 job.changed.clear()
                 if watcher.done() and not job.done:
                     waiter.cancel()
-                    job.cancel()
+                    job.cancel(abandoned=True)
                     raise asyncio.CancelledError
         finally:
             watcher.cancel()
@@ -676,10 +675,9 @@ def create_app(service: "Service"):
                     break
         finally:
             if not job.done:
-                job.cancel()  # the client left mid-stream: free its slot
+                job.cancel(abandoned=True)  # the client left mid-stream: free its slot
 
-    def prepared(body, prompt: list[int], asked: int | None, constraint_of=None):
-        check_model(service, body.model)
+    def prepared(body, prompt: list[int], asked: int | None):
         stops = _stops(body)
         sampling = _sampling(service, body)
         max_tokens = _max_tokens(service, asked, len(prompt))
@@ -731,6 +729,7 @@ def create_app(service: "Service"):
 
         authorize(request)
         body = parse_body("chat", await read_json(request))
+        check_model(service, body.model)
         item = chat_item(service, body.messages)
         prompt = prompt_ids(service.tokenizer, service.loaded.template, item, service.args.with_prompt)
         stops, sampling, max_tokens = prepared(body, prompt, body.max_completion_tokens or body.max_tokens)
@@ -767,6 +766,7 @@ def create_app(service: "Service"):
 
         authorize(request)
         body = parse_body("completion", await read_json(request))
+        check_model(service, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send one prompt per request (requests run concurrently anyway)", "invalid_value",
@@ -845,10 +845,11 @@ def check_before_loading(args, gen, serve_args: ServeArgs) -> None:
         raise UserError(f"{STATIC}/index.html is missing: the installation is incomplete.")
 
 
+@functools.lru_cache(maxsize=None)
 def _server_class():
     import uvicorn
 
-    class Server(uvicorn.Server):
+    class _Server(uvicorn.Server):
         """uvicorn's server, which also tells the service at the first Ctrl-C/SIGTERM: new requests then get 503."""
 
         def __init__(self, config, service: "Service") -> None:
@@ -862,17 +863,43 @@ def _server_class():
             # by that signal after the drain; a drained server exits normally (status 0) instead.
             getattr(self, "_captured_signals", []).clear()
 
-    return Server
+    return _Server
 
 
-def Server(config, service: "Service"):  # noqa: N802 - a class made on first use (uvicorn is imported late)
+def Server(service: "Service", drain_timeout: float = 30.0):  # noqa: N802 - uvicorn is imported on first use
+    """The uvicorn server for `service` (run it with .run(sockets=[bind(host, port)]))."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(drain_timeout, 0.01))
     return _server_class()(config, service)
+
+
+class ServerThread:
+    """The server in a thread of this process, on `host` and a free port (tests, benchmarks)."""
+
+    def __init__(self, service: "Service", host: str = "127.0.0.1", drain_timeout: float = 5.0) -> None:
+        self.service = service
+        self.sock = bind(host, 0)
+        self.port = self.sock.getsockname()[1]
+        self.server = Server(service, drain_timeout)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.url = f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
 
 
 def serve(model_args, prompt_args, args, gen, serve_args: ServeArgs, log=print) -> int:
     """predict.py --serve: check options, bind the port, load the model, serve until Ctrl-C/SIGTERM."""
-    import uvicorn
-
     from .inference import _types_from_training_data, load_for_inference
 
     check_before_loading(args, gen, serve_args)
@@ -887,11 +914,12 @@ def serve(model_args, prompt_args, args, gen, serve_args: ServeArgs, log=print) 
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         log(f"loaded in {loaded.seconds:.1f}s: {loaded.description}")
+        if service.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+            log(f"note: {host} can be reached from other machines and no --api_key is set: anyone there can use "
+                "the model")
         log(f"serving {service.model_name!r} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1"
             f"{', key required' if service.api_key else ''}); Ctrl-C or SIGTERM drains and stops", flush=True)
-        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=max(serve_args.drain_timeout, 0.01), lifespan="on")
-        Server(config, service).run(sockets=[sock])
+        Server(service, serve_args.drain_timeout).run(sockets=[sock])
     finally:
         sock.close()
     log(f"stopped ({service.counts['completed']} answered, {service.counts['cancelled']} cancelled)")

@@ -3,13 +3,11 @@
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +22,7 @@ from cnqlora.generation import GenerationArgs, answer_many
 from cnqlora.inference import Item, PredictArgs, load_for_inference, prompt_ids
 from cnqlora.models import ModelArgs
 from cnqlora.msra import QUERY_PREFIX, SEED_INSTRUCTION
-from cnqlora.serving import ServeArgs, Server, Service, bind, create_app, locate_entities
+from cnqlora.serving import ServeArgs, ServerThread, Service, locate_entities
 
 KEY = "test-key-123"
 TYPES = ["人名", "地名", "机构名"]
@@ -53,32 +51,6 @@ def loaded(tiny_ner_model_dir, adapter_dir):
                               adapter_dir)
 
 
-class Running:
-    """A uvicorn server for `service` on a free loopback port, in a thread."""
-
-    def __init__(self, service: Service) -> None:
-        import uvicorn
-
-        self.service = service
-        self.sock = bind("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=5)
-        self.server = Server(config, service)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
 def make_service(loaded, *, stop_ids=None, batch_size=4, **serve) -> Service:
     args = PredictArgs(instruct="msra", types=TYPES)
     args.validate()
@@ -90,7 +62,7 @@ def make_service(loaded, *, stop_ids=None, batch_size=4, **serve) -> Service:
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    running = Running(make_service(loaded))
+    running = ServerThread(make_service(loaded))
     yield running
     running.stop()
 
@@ -192,7 +164,7 @@ def test_completions_are_raw_text_completion(client, loaded):
     assert streamed[-1].choices[0].finish_reason == reply.choices[0].finish_reason
 
 
-def test_a_stop_string_ends_the_answer_before_it(client, queries):
+def test_a_stop_string_ends_the_answer_before_it(client, server, queries):
     full = chat(client, queries[3], max_tokens=24)
     text = full.choices[0].message.content
     assert len(text) >= 4, text
@@ -203,6 +175,28 @@ def test_a_stop_string_ends_the_answer_before_it(client, queries):
     assert reply.usage.completion_tokens < full.usage.completion_tokens or full.choices[0].finish_reason == "stop"
     streamed = list(chat(client, queries[3], max_tokens=24, stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
+    # a stop string ends the request in the engine, but it is answered, not abandoned
+    assert server.service.counts["cancelled"] == 0
+
+
+def test_an_engine_failure_is_500_for_the_waiting_request_and_503_after(loaded):
+    service = make_service(loaded)
+
+    def broken(*_):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    service.engine._prefill = broken
+    running = ServerThread(service)
+    try:
+        status, payload, _ = raw(running, "POST", "/v1/completions", {"prompt": "北京", "max_tokens": 4})
+        assert status == 500 and payload["error"]["code"] == "engine_failed"
+        assert "server's log" in payload["error"]["message"] and "Traceback" not in json.dumps(payload)
+        status, health, _ = raw(running, "GET", "/health", key=None)
+        assert status == 503 and health["status"] == "error" and "out of memory" in health["error"]
+        status, payload, _ = raw(running, "POST", "/v1/completions", {"prompt": "北京", "max_tokens": 4})
+        assert status == 503 and payload["error"]["code"] == "engine_failed"
+    finally:
+        running.stop()
 
 
 def test_a_seed_makes_sampling_repeatable_whatever_else_runs(client, queries):
@@ -295,6 +289,7 @@ def test_entity_offsets_cover_every_mention_and_never_overlap():
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "北" * 300}]}, KEY, 400,
      "context_length_exceeded"),
     ("POST", "/v1/completions", {"prompt": ["a", "b"]}, KEY, 400, "invalid_value"),
+    ("POST", "/v1/completions", {"prompt": "a", "seed": 2**64}, KEY, 422, "invalid_value"),
     ("POST", "/v1/completions", {"prompt": ""}, KEY, 400, "invalid_value"),
     ("POST", "/v1/ner", {"text": ""}, KEY, 422, "invalid_value"),
     ("POST", "/v1/ner", {"text": "北京", "types": ["地_名"]}, KEY, 422, "invalid_value"),
@@ -366,7 +361,7 @@ def wait_for(predicate, seconds=20.0):
 
 def test_a_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(loaded):
     # one slot, one waiting place, and answers that never stop early (no stop token): 500 tokens
-    running = Running(make_service(loaded, stop_ids=[], batch_size=1, max_queue=1, max_context=600,
+    running = ServerThread(make_service(loaded, stop_ids=[], batch_size=1, max_queue=1, max_context=600,
                                    max_tokens_limit=500))
     try:
         health = lambda: raw(running, "GET", "/health", key=None)[1]  # noqa: E731
