@@ -152,11 +152,15 @@ class Job:
     call_soon_threadsafe, so the tokens arrive in order and before the end.
     """
 
-    def __init__(self, service: "Service", request, prompt_tokens: int, stops: Sequence[str]) -> None:
+    def __init__(self, service: "Service", request, prompt_tokens: int, stops: Sequence[str],
+                 stream: bool = False) -> None:
         self.service = service
         self.request = request
         self.prompt_tokens = prompt_tokens
         self.stops = [s for s in stops if s]
+        # Only a stream or a stop string needs the text as it grows; an answer sent whole is decoded
+        # once at the end, and its tokens never wake the event loop (nor take the GIL from the engine).
+        self.wants_tokens = stream or bool(self.stops)
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -301,7 +305,7 @@ class Service:
     def _on_token(self, index: int, token: int) -> None:
         with self._lock:
             job = self.jobs.get(index)
-        if job is not None:
+        if job is not None and job.wants_tokens:
             self._call(job.push, token)
 
     def _call(self, fn, *args) -> None:
@@ -316,7 +320,7 @@ class Service:
         return slots + self.serve_args.max_queue
 
     def submit(self, prompt: list[int], max_tokens: int, stops: Sequence[str] = (), sampling=None,
-               seed: int | None = None, constraint=None) -> Job:
+               seed: int | None = None, constraint=None, stream: bool = False) -> Job:
         from .engine import Closed, Request
 
         if self.failure is not None:
@@ -324,7 +328,7 @@ class Service:
         if self.draining:
             raise ApiError(503, "the server is shutting down", "shutting_down")
         request = Request(prompt, max_tokens, constraint=constraint, sampling=sampling, seed=seed)
-        job = Job(self, request, len(prompt), stops)
+        job = Job(self, request, len(prompt), stops, stream)
         with self._lock:
             if len(self.jobs) >= self.capacity():
                 self.counts["rejected_full"] += 1
@@ -738,7 +742,7 @@ def create_app(service: "Service"):
             from .grounded import ner_text_from_query
 
             constraint = await grounded(ner_text_from_query(item.query or item.instruct), types_of(None), max_tokens)
-        job = service.submit(prompt, max_tokens, stops, sampling, body.seed, constraint)
+        job = service.submit(prompt, max_tokens, stops, sampling, body.seed, constraint, body.stream)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text, finish, first=False, usage=None):
@@ -778,7 +782,7 @@ def create_app(service: "Service"):
             raise ApiError(400, "the prompt is empty", "invalid_value", param="prompt")
         prompt = encode_text(service.tokenizer, prompts[0])
         stops, sampling, max_tokens = prepared(body, prompt, body.max_tokens)
-        job = service.submit(prompt, max_tokens, stops, sampling, body.seed)
+        job = service.submit(prompt, max_tokens, stops, sampling, body.seed, stream=body.stream)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text, finish, first=False, usage=None):
