@@ -16,6 +16,9 @@
     # the mean of several adapters (e.g. seeds of one recipe) as one adapter: predict or merge it like any other
     python predict.py --average_adapters runs/s42/best_adapter,runs/s43/best_adapter,runs/s44/best_adapter \\
         --average_to checkpoint/soup
+    # an OpenAI-compatible server (chat, completions, /v1/ner) and a web page at http://127.0.0.1:8000/
+    python predict.py --serve --config configs/msra_baichuan7b.yaml --lora_model checkpoint/baichuan/adapter_model \\
+        --instruct msra --types 人名,地名,机构名 [--host 127.0.0.1] [--port 8000] [--api_key @key.txt]
     # merge the adapter into the 16-bit base: a plain Hugging Face folder
     python predict.py --base_model model_hub/baichuan-7B --lora_model checkpoint/baichuan/adapter_model \\
         --merge_to model_hub/baichuan-7B-msra
@@ -34,10 +37,11 @@ def main(argv=None):
     from cnqlora.data import PromptArgs
     from cnqlora.inference import PREDICT_SECTIONS
     from cnqlora.models import ModelArgs
+    from cnqlora.serving import ServeArgs
     from cnqlora.training import TRAIN_SECTIONS
 
-    model_args, prompt_args, args, gen = parse_options(
-        PREDICT_SECTIONS, argv, prog="predict.py", description=__doc__, ignored_sections=TRAIN_SECTIONS,
+    model_args, prompt_args, args, gen, serve_args = parse_options(
+        PREDICT_SECTIONS + [ServeArgs], argv, prog="predict.py", description=__doc__, ignored_sections=TRAIN_SECTIONS,
         yaml_sections=[ModelArgs, PromptArgs])
     if args.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpus
@@ -50,6 +54,10 @@ def main(argv=None):
         return 0
     if args.merge_to:
         return merge(model_args, args)
+    if serve_args.serve:
+        from cnqlora.serving import serve
+
+        return serve(model_args, prompt_args, args, gen, serve_args)
     if not args.interactive and not args.data_file:
         args.interactive = True
     return interactive(model_args, prompt_args, args, gen) if args.interactive else predict(model_args, prompt_args, args, gen)

@@ -324,4 +324,29 @@ def test_dev_f1_speed_times_both_paths_to_the_same_f1(tiny_ner_model_dir, adapte
     assert numbers["speedup"] == round(numbers["generate"]["seconds"] / numbers["engine"]["seconds"], 2)
 
 
+def test_serve_speed_tiny_measures_every_level_through_the_real_server(tmp_path, capsys):
+    serve_speed = load("serve_speed")
+    report = tmp_path / "serve.json"
+    rc = serve_speed.main(["--tiny", "--workdir", str(tmp_path / "data"), "--json", str(report),
+                           "--concurrency", "1,4", "--requests_per_client", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    rows = table_rows(out)
+    assert set(rows) == {"file mode (Engine.generate)", "server, 1 clients", "server, 4 clients"}
+    assert all(row[-1] == "ok" for row in rows.values()), rows
+    data = json.loads(report.read_text())
+    assert data["file_mode"]["sentences"] == 8 and data["file_mode"]["sentences_per_s"] > 0
+    for clients, level in ((1, data["levels"]["1 clients"]), (4, data["levels"]["4 clients"])):
+        # every answer came back with exactly its max_tokens (no stop token): the workload is the file mode's
+        assert level["requests"] == level["ok"] == 2 * clients and level["wrong_length"] == 0
+        assert 0 < level["p50_s"] <= level["p99_s"] and level["requests_per_s"] > 0
+
+
+def test_the_serve_bench_percentiles_interpolate():
+    serve_speed = load("serve_speed")
+    assert serve_speed.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert serve_speed.percentile([1.0, 2.0, 3.0], 99) == pytest.approx(2.98)
+    assert serve_speed.percentile([5.0], 99) == 5.0
+
+
 from test_predict import adapter_dir  # noqa: E402,F401  (a fixture)

@@ -122,9 +122,10 @@ def test_the_readme_documents_every_option():
     import dataset
     import test_baichuan
     from cnqlora.inference import PREDICT_SECTIONS
+    from cnqlora.serving import ServeArgs
 
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    sections = TRAIN_SECTIONS + PREDICT_SECTIONS + [test_baichuan.CheckArgs, dataset.DatasetArgs]
+    sections = TRAIN_SECTIONS + PREDICT_SECTIONS + [ServeArgs, test_baichuan.CheckArgs, dataset.DatasetArgs]
     missing = [f"{cls.__name__}.{name}" for cls in sections for name in cls.__dataclass_fields__
                if f"`{name}`" not in readme and f"`--{name}`" not in readme and f"--{name}" not in readme]
     assert not missing
