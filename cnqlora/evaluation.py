@@ -32,8 +32,13 @@ class DevNerEvaluator:
     """Scores a model's greedy answers on dev records (entity-level P/R/F1 and format checks)."""
 
     def __init__(self, tokenizer, template: str, records: list[dict[str, Any]], types: list[str] | None = None,
-                 batch_size: int = 64, max_new_tokens: int = 96) -> None:
-        """`types`: those of the training answers when known; default: those of the dev answers."""
+                 batch_size: int = 64, max_new_tokens: int = 96, world=None) -> None:
+        """`types`: those of the training answers when known; default: those of the dev answers.
+
+        `world`: a `distributed.World` of several ranks: each answers every size-th record and the
+        answers are gathered, so every rank returns the same scores.
+        """
+        self.world = world
         self.tokenizer = tokenizer
         self.records = records
         self.types = types
@@ -41,13 +46,20 @@ class DevNerEvaluator:
         self.gen = GenerationArgs(max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def __call__(self, model) -> dict[str, Any]:
+        world = self.world
+        size, rank = (world.size, world.rank) if world is not None and world.distributed else (1, 0)
         was_training = model.training
         model.eval()
         try:
-            predictions = answer_many(model, self.tokenizer, self.prompts, self.gen)
+            mine = answer_many(model, self.tokenizer, self.prompts[rank::size], self.gen)
         finally:
             if was_training:
                 model.train()
+        if size > 1:
+            shares = world.gather(mine, "gathering the dev answers")
+            predictions = [shares[i % size][i // size] for i in range(len(self.prompts))]
+        else:
+            predictions = mine
         return score_answers(predictions, [r["answer"] for r in self.records],
                              [(r["instruct"], r["query"]) for r in self.records], self.types)
 
