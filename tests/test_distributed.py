@@ -189,6 +189,53 @@ def test_average_seeds_on_two_processes_trains_one_seed_per_process(tiny_ner_mod
         torch.testing.assert_close(mean[layer], (one[layer] + two[layer]) / 2, rtol=1e-5, atol=1e-7)
 
 
+def test_a_one_process_checkpoint_resumed_on_two_processes_with_one_micro_batch_per_step(tiny_ner_model_dir,
+                                                                                         ner_data_dir, tmp_path):
+    """1 -> 2 processes with 1 micro-batch per step: rank 1 has nothing to compute and joins each
+    all-reduce with a zero gradient; the run still continues as the one-process run."""
+    args = common(tiny_ner_model_dir, ner_data_dir) + ["--gradient_accumulation_steps", "1", "--memory_mode", "fast",
+                                                       "--max_steps", "5", "--eval_steps", "0"]
+    full = run_one(args, tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, **_):
+        if step == 3:
+            raise Crash
+
+    from cnqlora.config import parse_options
+    from cnqlora.training import TRAIN_SECTIONS, train
+
+    with pytest.raises(Crash):
+        train(*parse_options(TRAIN_SECTIONS, args + ["--output_dir", str(tmp_path / "cut")]), log=lambda _: None,
+              callbacks=[crash])
+    code, output, _ = launch(2, "baichuan_qlora.py", args + ["--output_dir", str(tmp_path / "cut"),
+                                                            "--resume_from_checkpoint", "auto"], tmp_path / "logs")
+    assert code == 0, output
+    rank0 = rank_output(tmp_path / "logs", 0)
+    assert "written by 1 process(es), this run has 2: keeping its 1 micro-batches" in rank0
+    assert_close_losses(train_losses(history(tmp_path / "cut" / "run")), train_losses(full["history"]))
+    a, b = adapter(tmp_path / "full" / "run"), adapter(tmp_path / "cut" / "run")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tiny_ner_model_dir, ner_data_dir,
+                                                                                      tmp_path):
+    args = common(tiny_ner_model_dir, ner_data_dir) + ["--output_dir", str(tmp_path), "--max_steps", "6",
+                                                       "--save_steps", "0", "--eval_steps", "0"]
+    code, output, _ = launch(2, "tests/ddp_worker.py", args, tmp_path / "logs", env={"TERM_AT": "1:3"})
+    assert code != 0
+    rank0 = rank_output(tmp_path / "logs", 0)
+    # rank 0 got no signal: it stops because rank 1 did, after the same step
+    assert "stopped: SIGTERM at step 3 of 6: checkpoint written to" in rank0, rank0[-2000:]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["step-000003"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["rng_ranks"]) == 2
+    assert [h["step"] for h in history(tmp_path / "run") if "train_loss" in h] == [1, 2, 3]
+
+
 # --------------------------------------------------------------------------- pieces
 
 
