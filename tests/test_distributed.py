@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -36,10 +37,23 @@ def common(model_dir, data_dir):
 
 def launch(nproc, script, args, log_dir, env=None):
     """torchrun with each rank's output in its own files; returns (exit code, launcher output, seconds)."""
+    return _launched([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                      "--redirects", "3", "--log-dir", str(log_dir), script, *args], env)
+
+
+def accelerate_launch(nproc, script, args):
+    """accelerate launch with the README's config (on a machine without GPUs it starts CPU processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _launched([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      "configs/accelerate/ddp.yaml", "--num_processes", str(nproc), "--main_process_port", str(port),
+                      script, *args])
+
+
+def _launched(command, env=None):
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), "--redirects", "3", "--log-dir", str(log_dir), script, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=400,
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
     return done.returncode, done.stdout + done.stderr, time.time() - started
 
@@ -86,8 +100,9 @@ def launched(tiny_ner_model_dir, ner_data_dir, tmp_path_factory):
     out["after_kill"] = sorted(os.listdir(root / "killed" / "run"))
     out["checkpoints_after_kill"] = sorted(os.listdir(root / "killed" / "run" / "checkpoints"))
     shutil.copytree(root / "killed", root / "onto-one")
-    out["resumed"] = launch(2, "baichuan_qlora.py", args + ["--output_dir", str(root / "killed"), *two,
-                                                            "--resume_from_checkpoint", "auto"], root / "resumed-logs")
+    # resumed through the other launcher
+    out["resumed"] = accelerate_launch(2, "baichuan_qlora.py", args + ["--output_dir", str(root / "killed"), *two,
+                                                                       "--resume_from_checkpoint", "auto"])
     # The killed two-process run continued by one process.
     said = []
     out["onto_one"] = run_one(args, root / "onto-one", "--gradient_accumulation_steps", "2", "--memory_mode", "fast",
@@ -151,10 +166,10 @@ def test_a_rank_killed_with_minus_9_ends_every_rank_with_a_message(launched):
     assert launched["checkpoints_after_kill"] == ["step-000002", "step-000004"]  # whole, none half-written
 
 
-def test_the_killed_run_resumed_on_two_processes_matches_the_uninterrupted_one(launched):
+def test_the_killed_run_resumed_by_accelerate_launch_matches_the_uninterrupted_one(launched):
     code, output, _ = launched["resumed"]
     assert code == 0, output
-    assert "resumed from" in rank_output(launched["root"] / "resumed-logs", 0)
+    assert output.count("resumed from") == 1 and output.count("adapter saved to") == 1  # rank 0 only
     killed, two = launched["root"] / "killed" / "run", launched["root"] / "two" / "run"
     assert_close_losses(train_losses(history(killed)), train_losses(history(two)), rel=1e-6)
     a, b = adapter(two), adapter(killed)
@@ -276,3 +291,30 @@ def test_an_unsupported_accelerate_mode_is_refused_before_any_model(monkeypatch,
     monkeypatch.setenv(variable, "true")
     with pytest.raises(UserError, match=message):
         check_launch_plugins()
+
+
+def test_the_dev_f1_is_answered_in_shares_and_scored_in_record_order(tiny_ner_model_dir, ner_data_dir, monkeypatch):
+    """Rank 0 of 2 answers records 0, 2, 4, ...; the gathered answers must meet their own records."""
+    import cnqlora.evaluation as evaluation
+    from cnqlora.evaluation import DevNerEvaluator
+    from cnqlora.models import load_tokenizer
+
+    records = [json.loads(line) for line in open(f"{ner_data_dir}/dev.txt", encoding="utf-8")][:11]
+    tokenizer = load_tokenizer(tiny_ner_model_dir)
+    asked = []
+
+    def perfect(model, tok, prompts, gen):
+        asked.append(len(prompts))
+        return [by_prompt[tuple(p)] for p in prompts]
+
+    class TwoRanks(World):
+        def gather(self, value, doing=""):
+            # rank 1's share, as the real rank 1 would answer it
+            return [value, perfect(None, None, evaluator.prompts[1::2], None)]
+
+    evaluator = DevNerEvaluator(tokenizer, "baichuan", records, world=TwoRanks(rank=0, size=2))
+    by_prompt = {tuple(p): r["answer"] for p, r in zip(evaluator.prompts, records)}
+    monkeypatch.setattr(evaluation, "answer_many", perfect)
+    result = evaluator(torch.nn.Linear(1, 1))
+    assert asked == [6, 5]  # this rank answered its 6 of the 11 records only
+    assert result["records"] == 11 and result["exact_match"] == 1.0 and result["micro"]["f1"] == 1.0
