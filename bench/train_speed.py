@@ -6,6 +6,9 @@
     python bench/train_speed.py --recipes seed,ours-W_pack --steps 5      # a quicker subset
     # anywhere, in seconds: tiny model, generated corpus and tokenizer, no GPU needed
     python bench/train_speed.py --tiny
+    # data-parallel scaling of the real training command on 1 and on 4 GPUs (torchrun)
+    python bench/train_speed.py --nproc 4 --model_dir model_hub/baichuan-7B --json $OUT/train_scaling.json
+    python bench/train_speed.py --nproc 2 --tiny          # the same on the CPU (gloo): it runs, not a speed
 
 The model has Baichuan-7B's shape (hidden 4096, 32 layers, fused W_pack, vocab 64,000) and random
 weights: NF4 with double quantisation and bf16 compute, embeddings and head in bf16, exactly what
@@ -429,6 +432,15 @@ def parse_args(argv):
                         help="token budget of the check's micro-batches on the GPU")
     parser.add_argument("--check_lr", type=float, default=1e-3,
                         help="learning rate of the check (larger than training's so the loss visibly moves)")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="instead of the recipes: data-parallel scaling of the real training command "
+                             "(baichuan_qlora.py under torchrun) on 1 and on N processes, one per GPU")
+    parser.add_argument("--model_dir", default="model_hub/baichuan-7B",
+                        help="--nproc: the base model folder (--tiny: a tiny one is built)")
+    parser.add_argument("--train_file", default="data/msra/train.txt",
+                        help="--nproc: training data (--tiny: a synthetic NER corpus is built)")
+    parser.add_argument("--train_args", default="--config configs/msra_baichuan7b.yaml",
+                        help="--nproc: further options of baichuan_qlora.py, the same for every process count")
     common.add_common_args(parser, time_budget=500.0)
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
@@ -444,6 +456,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.nproc:
+        return run_scaling(args)
     phases, budget, device, report = common.begin(args)
 
     with phases("data"):
@@ -587,3 +601,80 @@ def print_tables(results: dict[str, dict[str, Any]], check: dict[str, Any] | Non
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- data-parallel scaling
+
+
+def scaling_inputs(args) -> tuple[str, str]:
+    """(model folder, training file): the given ones, or with --tiny a tiny model and NER corpus."""
+    if not args.tiny:
+        return args.model_dir, args.train_file
+    import json
+    import tempfile
+
+    from cnqlora.msra import prepare_msra
+    from cnqlora.tiny import synthetic_ner_sentences, write_bio, write_tiny_baichuan
+
+    work = args.workdir or tempfile.mkdtemp(prefix="train-scaling-")
+    os.makedirs(work, exist_ok=True)
+    bio = write_bio(os.path.join(work, "corpus.txt"), synthetic_ner_sentences(300))
+    prepare_msra(out_dir=os.path.join(work, "data"), source=bio, train_sentences=280, dev_size=10)
+    train_file = os.path.join(work, "data", "train.txt")
+    with open(train_file, encoding="utf-8") as f:
+        texts = [" ".join(json.loads(line).values()) for line in f]
+    return write_tiny_baichuan(os.path.join(work, "model"), texts, vocab_size=1200), train_file
+
+
+def timed_window(metrics_file: str, warmup: int) -> dict[str, float]:
+    """Samples per second over the steps after the warm-up, from the run's per-step log."""
+    import json
+
+    with open(metrics_file, encoding="utf-8") as f:
+        steps = [h for h in map(json.loads, f) if "train_steps_per_s" in h and h["step"] > warmup]
+    seconds = sum(1 / h["train_steps_per_s"] for h in steps)
+    samples = sum(h["train_samples_per_s"] / h["train_steps_per_s"] for h in steps)
+    return {"steps": len(steps), "seconds": seconds, "samples": samples, "samples_per_s": samples / seconds}
+
+
+def run_scaling(args) -> int:
+    """Train the same recipe on 1 and on --nproc processes and report the data-parallel speed-up.
+
+    Weak scaling, as multi-GPU training is used: each process keeps its micro-batches and
+    gradient accumulation, so N processes take N times the samples per optimizer step. The
+    timing is the training loop's own per-step log (metrics.jsonl), warm-up steps left out.
+    """
+    import shlex
+    import subprocess
+    import tempfile
+
+    model_dir, train_file = scaling_inputs(args)
+    extra = shlex.split(args.train_args) if not args.tiny else [
+        "--device", "cpu", "--batch_size", "4", "--max_seq_len", "96", "--memory_mode", "fast"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tempfile.mkdtemp(prefix="train-scaling-runs-")
+    results: dict[str, Any] = {}
+    for nproc in sorted({1, args.nproc}):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   os.path.join(repo, "baichuan_qlora.py"), *extra, "--model_name_or_path", model_dir,
+                   "--train_file", train_file, "--dev_file", "none", "--output_dir", out, "--run_name", f"n{nproc}",
+                   "--max_steps", str(args.warmup + args.steps), "--logging_steps", "1", "--eval_steps", "0",
+                   "--save_steps", "0", "--tensorboard", "false"]
+        log(f"{nproc} process(es): {shlex.join(command)}")
+        done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+        if done.returncode != 0:
+            results[str(nproc)] = {"status": f"error: exit {done.returncode}: {done.stderr.strip()[-2000:]}"}
+            log(results[str(nproc)]["status"])
+            continue
+        results[str(nproc)] = timed_window(os.path.join(out, f"n{nproc}", "metrics.jsonl"), args.warmup)
+    base = results.get("1", {}).get("samples_per_s")
+    print("\n| processes | samples/s | speed-up | efficiency |\n| --- | --- | --- | --- |")
+    for nproc, r in results.items():
+        if "samples_per_s" in r and base:
+            r["speedup"] = r["samples_per_s"] / base
+            r["efficiency"] = r["speedup"] / int(nproc)
+            print(f"| {nproc} | {r['samples_per_s']:.2f} | {r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% |")
+        else:
+            print(f"| {nproc} | {r.get('status', '-')} | | |")
+    common.write_json(args.json, {"nproc": args.nproc, "scaling": results})
+    return 0 if all("samples_per_s" in r for r in results.values()) else 1

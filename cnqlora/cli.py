@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a script's main(); a UserError becomes `error: ...` on stderr and its exit code."""
-    from .errors import Stopped, UserError
+    from .errors import EchoedError, Stopped, UserError
 
     # Keep library chatter (tokenizers' fork warning, HF advisory messages) out of the user's way.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +20,8 @@ def run_command(main: Callable[[list[str] | None], int | None], argv: list[str] 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return main(argv) or 0
+    except EchoedError as e:
+        return e.exit_code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,3 +17,12 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class EchoedError(UserError):
+    """Another rank's UserError, already reported by that rank: this rank ends with its exit code
+    without printing it again (N processes would otherwise print N copies)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -32,12 +32,15 @@ class DevNerEvaluator:
     """Scores a model's greedy answers on dev records (entity-level P/R/F1 and format checks)."""
 
     def __init__(self, tokenizer, template: str, records: list[dict[str, Any]], types: list[str] | None = None,
-                 batch_size: int = 64, max_new_tokens: int = 96, engine_slots: int = 256) -> None:
+                 batch_size: int = 64, max_new_tokens: int = 96, engine_slots: int = 256, world=None) -> None:
         """`types`: those of the training answers when known; default: those of the dev answers.
 
         `batch_size` is for transformers' generate; the engine decodes `engine_slots` answers at
         once (fewer when the GPU's free memory is short: it sizes its cache from what is free).
+        `world`: a `distributed.World` of several ranks: each answers every size-th record and the
+        answers are gathered, so every rank returns the same scores.
         """
+        self.world = world
         self.tokenizer = tokenizer
         self.records = records
         self.types = types
@@ -46,13 +49,21 @@ class DevNerEvaluator:
         self.engine_slots = engine_slots
 
     def __call__(self, model) -> dict[str, Any]:
+        world = self.world
+        size, rank = (world.size, world.rank) if world is not None and world.distributed else (1, 0)
         was_training = model.training
         model.eval()
         try:
-            predictions = answer_many(model, self.tokenizer, self.prompts, self.gen, engine_slots=self.engine_slots)
+            mine = answer_many(model, self.tokenizer, self.prompts[rank::size], self.gen,
+                               engine_slots=self.engine_slots)
         finally:
             if was_training:
                 model.train()
+        if size > 1:
+            shares = world.gather(mine, "gathering the dev answers")
+            predictions = [shares[i % size][i // size] for i in range(len(self.prompts))]
+        else:
+            predictions = mine
         return score_answers(predictions, [r["answer"] for r in self.records],
                              [(r["instruct"], r["query"]) for r in self.records], self.types)
 

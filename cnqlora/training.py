@@ -14,7 +14,8 @@ With average_seeds, `checkpoint/<run_name>/` holds one such run per seed (`seed-
 beside the members' in `average_adapter/dev_metrics.json`.
 
 Micro-batches come from a stream that depends only on the seed (`batching.BatchStream`), and
-optimizer step k consumes micro-batches [k * accum, (k + 1) * accum) of it. The step number
+optimizer step k consumes micro-batches [k * G, (k + 1) * G) of it, G = accum x the number of
+processes (several processes share each step's micro-batches: `distributed`). The step number
 alone therefore fixes the data position, and a resumed run replays exactly the batches (and,
 with the RNG states restored, the dropout masks) that the uninterrupted run would have seen.
 How a step runs fast (memory mode, token budget, kernels, autocast) is `speed`'s concern.
@@ -22,6 +23,7 @@ How a step runs fast (memory mode, token budget, kernels, autocast) is `speed`'s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,8 +40,9 @@ from .data import IGNORE_INDEX, PromptArgs, load_records, resolve_template, toke
 from .errors import Stopped, UserError
 from .models import LoraArgs, ModelArgs
 from .batching import BatchStream, plan_by_tokens
+from .distributed import DEFAULT_TIMEOUT_S, World, current_world, deal
 from .runs import (atomic_dir, check_writable, describe_os_error, find_resume_point, list_checkpoints,
-                   recover_atomic_dirs, run_lock)
+                   read_checkpoint, recover_atomic_dirs, run_lock)
 from .speed import FUSED_KERNELS, MEMORY_MODES, apply_fused_kernels, plan_speed, step_context
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -103,12 +106,14 @@ class TrainArgs:
                                    "adapters (each its best by dev F1 when eval_f1_steps is on) to "
                                    "<run>/average_adapter and score it on the same dev F1 sample; e.g. 45,46,47,48. "
                                    "Empty: one run with --seed")
+    ddp_timeout: int = opt(DEFAULT_TIMEOUT_S, "with several processes (accelerate launch, torchrun): seconds a rank "
+                           "waits for the others at a collective before it stops with a message instead of hanging")
     create_tiny_model_if_missing: bool = opt(False, "when the model folder is missing, build a tiny random "
                                              "Baichuan-layout model there (the demo; shows the pipeline, not "
                                              "NER quality)")
 
     def validate(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps"):
+        for name in ("batch_size", "gradient_accumulation_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1.")
         if self.max_steps is None and self.num_epochs <= 0:
@@ -179,13 +184,24 @@ def eval_plan(lengths: list[int], batch_size: int, max_tokens: int) -> list[list
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def padded_tokens(batch: list[int], lengths: list[int]) -> int:
+    """The compute of a micro-batch: rows x longest row."""
+    return len(batch) * max(lengths[i] for i in batch)
+
+
 def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device: str, plan=None,
-                  attention_mask: bool = False) -> float:
-    """Mean loss per answer token over the dev samples (attention_mask: see loss_sum)."""
+                  attention_mask: bool = False, world: World | None = None) -> float:
+    """Mean loss per answer token over the dev samples (attention_mask: see loss_sum).
+
+    With several processes each rank computes its share of the batches and the sums are added up.
+    """
     import contextlib
 
     import torch
 
+    if world is not None and world.distributed:
+        lengths = [len(s["input_ids"]) for s in samples]
+        batches = [batches[i] for i in deal([padded_tokens(b, lengths) for b in batches], world.size)[world.rank]]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -197,6 +213,8 @@ def evaluate_loss(model, samples, batches: list[list[int]], pad_id: int, device:
             count += labelled_tokens(batch)
     if was_training:
         model.train()
+    if world is not None and world.distributed:
+        total, count = world.sum([total, count], "adding up the dev loss")
     return total / max(1, count)
 
 
@@ -235,29 +253,53 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, history: list[dict], limit: int) -> str:
+def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, history: list[dict], limit: int,
+                    world: World = World(), per_step: int | None = None) -> str:
+    """Write the resume point of `step` (rank 0 writes, every rank's RNG state in it).
+
+    The data position is the step times `per_step`, the micro-batches of one optimizer step over
+    all ranks; both are stored so that a resume on another number of processes keeps it.
+    """
     import torch
 
     dest = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
-    with atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "history": history}, os.path.join(tmp, "trainer_state.pt"))
-    for old in list_checkpoints(run_dir)[:-limit] if limit > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    rngs = world.gather(_rng_state(), "gathering every rank's RNG state for the checkpoint")
+    if world.main:
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp)
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rngs[0], "history": history}
+            if world.distributed:
+                state.update(rng_ranks=rngs, world_size=world.size, micro_batches_per_step=per_step)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        for old in list_checkpoints(run_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    # The others wait: a rank that stops (a signal) must not exit while rank 0 is still writing,
+    # or the launcher would take rank 0 down with it.
+    world.barrier(f"waiting for rank 0 to write the checkpoint of step {step}")
     return dest
 
 
 def load_checkpoint(checkpoint: tuple[str, dict[str, Any], dict[str, Any]], model, optimizer,
-                    scheduler) -> tuple[int, list[dict]]:
-    """Put a checkpoint read by `runs.find_resume_point` into the model, optimizer and RNGs."""
+                    scheduler, rank: int = 0) -> tuple[int, list[dict]]:
+    """Put a checkpoint read by `runs.find_resume_point` into the model, optimizer and RNGs.
+
+    A rank that the checkpoint has no RNG state for (a resume on more processes) gets a fresh
+    one from the step and its rank, so its dropout differs from the other ranks'.
+    """
+    import torch
     from peft import set_peft_model_state_dict
 
     _, weights, state = checkpoint
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    saved = state.get("rng_ranks") or [state["rng"]]
+    if rank < len(saved):
+        _set_rng_state(saved[rank])
+    else:
+        torch.manual_seed(1_000_003 * rank + state["step"])
+        random.seed(1_000_003 * rank + state["step"])
     return state["step"], state["history"]
 
 
@@ -267,13 +309,17 @@ def load_checkpoint(checkpoint: tuple[str, dict[str, Any], dict[str, Any]], mode
 class MetricsLog:
     """metrics.jsonl + TensorBoard + the in-memory history that checkpoints carry."""
 
-    def __init__(self, run_dir: str, history: list[dict], tensorboard: bool, start_step: int) -> None:
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+    def __init__(self, run_dir: str, history: list[dict], tensorboard: bool, start_step: int,
+                 write: bool = True) -> None:
+        """`write` false (the ranks other than 0): keep the history in memory only."""
+        self.path = os.path.join(run_dir, "metrics.jsonl") if write else None
         self.history = [h for h in history if h["step"] <= start_step]
+        self.writer = None
+        if not write:
+            return
         with open(self.path, "w", encoding="utf-8") as f:
             for h in self.history:
                 f.write(json.dumps(h) + "\n")
-        self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -283,6 +329,8 @@ class MetricsLog:
     def log(self, step: int, **values: float) -> None:
         entry = {"step": step, **values}
         self.history.append(entry)
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         if self.writer:
@@ -374,29 +422,33 @@ def save_adapter(model, tokenizer, dest: str, resolved_config: str, extra_files:
     return dest
 
 
-def _dev_evaluator(tokenizer, template: str, train_records: list[dict], dev_records: list[dict], train_args: TrainArgs):
-    """The dev F1 of a run: the same records, types and length limit for every adapter it compares."""
+def _dev_evaluator(tokenizer, template: str, train_records: list[dict], dev_records: list[dict], train_args: TrainArgs,
+                   world: World | None = None):
+    """The dev F1 of a run: the same records, types and length limit for every adapter it compares
+    (with several ranks, each answers its share of the records)."""
     from .evaluation import DevNerEvaluator
     from .grounded import allowed_types_from_answers
 
     types = allowed_types_from_answers(r["answer"] for r in train_records) or None
     return DevNerEvaluator(tokenizer, template, spread(dev_records, train_args.eval_f1_samples), types,
-                           max_new_tokens=train_args.eval_max_new_tokens)
+                           max_new_tokens=train_args.eval_max_new_tokens, world=world)
 
 
 def _dev_f1(evaluator, model, tokenizer, metrics: MetricsLog, step: int, run_dir: str, resolved: str,
-            best_f1: float, best_step: int, bar) -> tuple[float, int]:
-    """Score the dev answers, log them, and keep the adapter if it is the best so far."""
+            best_f1: float, best_step: int, say, world: World) -> tuple[float, int]:
+    """Score the dev answers (each rank its share), log them, and keep the adapter if it is the best so far."""
     from .evaluation import dev_scalars
 
     result = evaluator(model)
     scalars = dev_scalars(result)
     metrics.log(step, **scalars)
-    bar.write(f"step {step}: dev F1 {100 * scalars['dev_f1']:.2f} (P {100 * scalars['dev_precision']:.2f}, "
+    say(f"step {step}: dev F1 {100 * scalars['dev_f1']:.2f} (P {100 * scalars['dev_precision']:.2f}, "
               f"R {100 * scalars['dev_recall']:.2f}, unparseable {100 * scalars['dev_unparseable']:.1f}%)")
     if scalars["dev_f1"] > best_f1:
-        marker = json.dumps({"step": step, **result}, ensure_ascii=False, indent=2)
-        save_adapter(model, tokenizer, os.path.join(run_dir, "best_adapter"), resolved, {"dev_metrics.json": marker})
+        if world.main:
+            marker = json.dumps({"step": step, **result}, ensure_ascii=False, indent=2)
+            save_adapter(model, tokenizer, os.path.join(run_dir, "best_adapter"), resolved,
+                         {"dev_metrics.json": marker})
         return scalars["dev_f1"], step
     return best_f1, best_step
 
@@ -498,23 +550,48 @@ class _LogWindow:
                 "train_steps_per_s": self.steps / elapsed}
 
 
-def _forward_backward(model, batches: list[dict[str, Any]], device: str, plan, write: Callable[..., None],
-                      step: int, indices: Callable[[int], list[int]]) -> tuple[float, int]:
-    """Accumulate the gradients of one optimizer step's micro-batches; return its loss and samples.
+def _loss_module(model):
+    """What DDP wraps: a module whose forward is `loss_sum` of the PEFT model, so that each
+    micro-batch goes through DDP's forward (which arms its gradient all-reduce)."""
+    import torch
 
-    The loss is summed over every labelled token of the step and divided once by their count, so
-    a step's gradient does not depend on how its samples were split into micro-batches.
+    class LossOf(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, batch):
+            return loss_sum(self.model, batch)
+
+    return LossOf(model)
+
+
+def _forward_backward(model, batches: list[dict[str, Any]], device: str, plan, write: Callable[..., None],
+                      step: int, indices: Callable[[int], list[int]], n_tokens: int, world: World = World(),
+                      weight: float = 1.0) -> tuple[float, int]:
+    """Accumulate the gradients of this rank's micro-batches of one optimizer step; return its
+    share of the step's loss and its samples.
+
+    The loss is summed over every labelled token of the step and divided once by their count
+    (over all ranks), so a step's gradient does not depend on how its samples were split into
+    micro-batches or dealt to ranks. With several ranks `model` is the DDP-wrapped `_loss_module`:
+    DDP averages the ranks' gradients, so each rank's loss is scaled by their number to make
+    that average the gradient of the whole step's sum. `weight` 0: a rank with no micro-batch
+    in this step joins the all-reduce with a zero gradient.
     """
-    n_tokens = max(1, sum(labelled_tokens(b) for b in batches))
     step_loss, samples = 0.0, 0
+    last = len(batches) - 1
     for m, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with step_context(plan, device):
-            loss = loss_sum(model, batch) / n_tokens
-        loss.backward()
-        micro_loss = loss.item()
+        with world.no_sync(model, sync=m == last):
+            with step_context(plan, device):
+                loss = (model(batch) if world.distributed else loss_sum(model, batch)) / n_tokens
+            if world.distributed:
+                loss = loss * (world.size * weight)
+            loss.backward()
+        micro_loss = loss.item() / world.size if world.distributed else loss.item()
         step_loss += micro_loss
-        samples += batch["input_ids"].shape[0]
+        samples += batch["input_ids"].shape[0] if weight else 0
         if not math.isfinite(micro_loss):
             write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices(m)})", file=sys.stderr)
     return step_loss, samples
@@ -522,59 +599,106 @@ def _forward_backward(model, batches: list[dict[str, Any]], device: str, plan, w
 
 def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
           train_args: TrainArgs, log: Callable[[str], None] = print,
-          callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+          callbacks: list[Callable[..., None]] = (), world: World | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; return where its outputs are and its last losses.
 
     Each callback is called as callback(step=..., model=..., metrics=...) after every optimizer
     step, once that step's logging, evaluation and checkpoint are done. With average_seeds this
-    trains every seed and averages them (`train_average`).
+    trains every seed and averages them (`train_average`). Started by accelerate launch or
+    torchrun, the N processes train one run together (data parallel; see cnqlora.distributed):
+    rank 0 holds the folder and writes every output, the others only compute.
     """
+    world = world or current_world(train_args.ddp_timeout)
     if train_args.average_seeds:
-        return train_average(model_args, prompt_args, data_args, lora_args, train_args, log, callbacks)
+        return train_average(model_args, prompt_args, data_args, lora_args, train_args, log, callbacks, world)
+    if not world.main:
+        log = _quiet
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
-    check_writable(run_dir)
-    with run_lock(run_dir):
-        recover_atomic_dirs(run_dir, log)
-        recover_atomic_dirs(os.path.join(run_dir, "checkpoints"), log)
-        if train_args.resume_from_checkpoint == "auto" and _finished(run_dir):
-            log(f"{run_dir} finished before (adapter_model is written): nothing to train. To train it again, delete "
-                "the folder or give the run another --run_name.")
+    with contextlib.ExitStack() as held:
+        claimed: dict[str, Any] = {}
+
+        def claim() -> tuple[str, str | None]:
+            check_writable(run_dir)
+            held.enter_context(run_lock(run_dir))
+            recover_atomic_dirs(run_dir, log)
+            recover_atomic_dirs(os.path.join(run_dir, "checkpoints"), log)
+            if train_args.resume_from_checkpoint == "auto" and _finished(run_dir):
+                log(f"{run_dir} finished before (adapter_model is written): nothing to train. To train it again, "
+                    "delete the folder or give the run another --run_name.")
+                return "finished", None
+            resume = None
+            if train_args.resume_from_checkpoint:
+                resume = find_resume_point(train_args.resume_from_checkpoint, run_dir, log)
+                if resume is None:
+                    log(f"no usable checkpoint in {run_dir}/checkpoints yet: starting from scratch")
+            claimed["resume"] = resume
+            return "train", resume[0] if resume else None
+
+        # Only rank 0 locks and recovers the folder; the others learn what it found.
+        outcome, resume_path = world.main_first(claim, others=False, doing="taking the run folder")
+        if outcome == "finished":
             return _finished_result(run_dir)
-        resume = None
-        if train_args.resume_from_checkpoint:
-            resume = find_resume_point(train_args.resume_from_checkpoint, run_dir, log)
-            if resume is None:
-                log(f"no usable checkpoint in {run_dir}/checkpoints yet: starting from scratch")
-        train_records, dev_records, model_config = _prepare_inputs(model_args, prompt_args, data_args, train_args,
-                                                                   log)
+        resume = claimed.get("resume")
+        if not world.main and resume_path:
+            resume = (resume_path, *read_checkpoint(resume_path))
+        train_records, dev_records, model_config = world.main_first(
+            lambda: _prepare_inputs(model_args, prompt_args, data_args, train_args, log), doing="reading the data")
         with _StopOnSignal() as stop:
             return _train_in(run_dir, resume, stop, train_records, dev_records, model_config, model_args,
-                             prompt_args, data_args, lora_args, train_args, log, callbacks)
+                             prompt_args, data_args, lora_args, train_args, log, callbacks, world)
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _micro_batches_per_step(accum: int, world: World, resume, log: Callable[[str], None]) -> int:
+    """Micro-batches of one optimizer step over all ranks: gradient_accumulation_steps per rank.
+
+    A run resumed on another number of processes keeps its checkpoint's global batch, so it goes
+    on training the same steps (same data position, schedule and batch); the ranks then share
+    the step's micro-batches as evenly as `deal` can.
+    """
+    if resume:
+        state = resume[2]
+        saved_size = state.get("world_size", 1)
+        if saved_size != world.size:
+            per_step = state.get("micro_batches_per_step") or accum
+            log(f"the checkpoint was written by {saved_size} process(es), this run has {world.size}: keeping its "
+                f"{per_step} micro-batches per optimizer step (about {per_step / world.size:g} per process), so "
+                "the run continues as it started")
+            return per_step
+    return accum * world.size
 
 
 def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[dict], dev_records: list[dict],
               model_config: dict, model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs,
               lora_args: LoraArgs, train_args: TrainArgs, log: Callable[[str], None],
-              callbacks: list[Callable[..., None]]) -> dict[str, Any]:
+              callbacks: list[Callable[..., None]], world: World) -> dict[str, Any]:
     """train() once its run folder is held, checked and recovered."""
     import torch
     from tqdm.auto import tqdm
 
-    from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .models import attach_lora, count_parameters, load_model, load_tokenizer, resolve_dtype
 
-    device = resolve_device(model_args.device)
+    device = world.device(model_args.device)
 
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     template = resolve_template(prompt_args.template, tokenizer, model_config.get("model_type"))
     # Shared by the runs of one output_dir; entries are keyed by data, tokenizer, template and length.
     cache_dir = os.path.join(train_args.output_dir, ".cache")
-    train_set, train_stats = tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir)
+    # Rank 0 first: the others then read the cache it wrote instead of racing it.
+    train_set, train_stats = world.main_first(
+        lambda: tokenize_records(train_records, tokenizer, template, data_args.max_seq_len, cache_dir),
+        doing="tokenizing the training data")
     log(train_stats.describe("train", data_args.max_seq_len))
     if train_stats.samples == 0:
         raise UserError(f"{data_args.train_file}: no sample fits in --max_seq_len {data_args.max_seq_len}.")
     dev_samples = []
     if dev_records:
-        dev_set, dev_stats = tokenize_records(dev_records, tokenizer, template, data_args.max_seq_len, cache_dir)
+        dev_set, dev_stats = world.main_first(
+            lambda: tokenize_records(dev_records, tokenizer, template, data_args.max_seq_len, cache_dir),
+            doing="tokenizing the dev data")
         log(dev_stats.describe("dev", data_args.max_seq_len))
         dev_samples = dev_set.to_list()
     samples = train_set.to_list()
@@ -586,8 +710,11 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
     log(f"loaded {model_args.model_name_or_path} ({model_args.quantization}, "
         f"{next(p for p in model.parameters() if p.is_floating_point()).dtype}) on {device} in {time.time() - started:.1f}s")
     lengths = [len(x["input_ids"]) for x in samples]
-    plan = plan_speed(train_args.memory_mode, train_args.max_tokens_per_batch, train_args.fused_kernels, model.config,
-                      device, resolve_dtype(model_args.compute_dtype, device), max(lengths))
+    # Rank 0's plan for all: the token budget shapes the batch stream, which every rank must share.
+    plan = world.main_first(lambda: plan_speed(train_args.memory_mode, train_args.max_tokens_per_batch,
+                                               train_args.fused_kernels, model.config, device,
+                                               resolve_dtype(model_args.compute_dtype, device), max(lengths)),
+                            others=False, doing="choosing the memory mode")
     model, targets = attach_lora(model, lora_args, gradient_checkpointing=plan.memory_mode in ("lean", "offload"))
     if plan.fused_kernels == "liger":
         apply_fused_kernels(model)
@@ -596,48 +723,66 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
     log(f"LoRA r={lora_args.lora_r} on {', '.join(targets)}: {trainable:,} trainable parameters "
         f"of {total:,} ({100 * trainable / total:.3f}%)")
 
+    if world.distributed:
+        # Same LoRA initialisation everywhere (seeded above), different dropout on each rank.
+        torch.manual_seed(train_args.seed + 1_000_003 * world.rank)
+        random.seed(train_args.seed + 1_000_003 * world.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_args.learning_rate, weight_decay=train_args.weight_decay)
     stream = BatchStream(lengths, train_args.seed, train_args.batch_size, plan.max_tokens)
+    per_step = _micro_batches_per_step(train_args.gradient_accumulation_steps, world, resume, log)
     total_steps = train_args.max_steps or max(1, math.ceil(stream.total_micro_batches(train_args.num_epochs)
-                                                          / train_args.gradient_accumulation_steps))
+                                                          / per_step))
     warmup = int(train_args.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_args.lr_scheduler, warmup, total_steps))
 
     step, history = 0, []
     if resume:
-        step, history = load_checkpoint(resume, model, optimizer, scheduler)
+        step, history = load_checkpoint(resume, model, optimizer, scheduler, world.rank)
         log(f"resumed from {resume[0]} at step {step}")
+    trainer = world.wrap(_loss_module(model)) if world.distributed else model
+    answer_tokens = [sum(1 for t in x["labels"][1:] if t != IGNORE_INDEX) for x in samples]
     resolved = dump_yaml(model_args, prompt_args, data_args, lora_args, train_args)
-    with open(os.path.join(run_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
-        f.write(resolved)
-    metrics = MetricsLog(run_dir, history, train_args.tensorboard, step)
+    if world.main:
+        with open(os.path.join(run_dir, "train_config.yaml"), "w", encoding="utf-8") as f:
+            f.write(resolved)
+    metrics = MetricsLog(run_dir, history, train_args.tensorboard, step, write=world.main)
     pad_id = tokenizer.pad_token_id
     eval_batches = eval_plan([len(x["input_ids"]) for x in dev_samples], train_args.batch_size, plan.max_tokens)
     evaluator = None
     if train_args.eval_f1_steps and dev_records:
         from .evaluation import best_so_far
 
-        evaluator = _dev_evaluator(tokenizer, template, train_records, dev_records, train_args)
+        evaluator = _dev_evaluator(tokenizer, template, train_records, dev_records, train_args, world)
         best_f1, best_step = best_so_far(history)
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not world.main)
+    say = bar.write if world.main else _quiet
     guard, window = _SkipGuard(), _LogWindow()
-    accum = train_args.gradient_accumulation_steps
     max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")
     doing = "starting"
     try:
         if dev_samples and train_args.eval_steps and step == 0:
             # The starting point of the dev curve: what the base model scores before any update.
-            metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan))
+            metrics.log(0, eval_loss=evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan,
+                                                   world=world))
         while step < total_steps:
             doing = f"training step {step + 1}"
-            first = step * accum
-            batches = [collate([samples[i] for i in stream.batch(first + m)], pad_id) for m in range(accum)]
-            step_loss, n_samples = _forward_backward(model, batches, device, plan, bar.write, step,
-                                                     lambda m: stream.batch(first + m))
+            step_batches = [stream.batch(step * per_step + m) for m in range(per_step)]
+            n_tokens = max(1, sum(answer_tokens[i] for b in step_batches for i in b))
+            hand, weight = deal([padded_tokens(b, lengths) for b in step_batches], world.size)[world.rank], 1.0
+            if not hand:
+                hand, weight = [0], 0.0
+            batches = [collate([samples[i] for i in step_batches[m]], pad_id) for m in hand]
+            with world.talking(doing):
+                step_loss, n_samples = _forward_backward(trainer, batches, device, plan, bar.write, step,
+                                                         lambda j: step_batches[hand[j]], n_tokens, world, weight)
+            if world.distributed:
+                step_loss, n_samples = world.sum([step_loss, n_samples], doing)
+                n_samples = int(n_samples)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if guard.allows(grad_norm, step, bar.write):
+            if guard.allows(grad_norm, step, say):
                 optimizer.step()
             with warnings.catch_warnings():
                 # After a skipped update PyTorch warns that the scheduler stepped without the optimizer;
@@ -658,30 +803,39 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
                 metrics.log(step, **values)
                 window.reset()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):
-                eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan)
+                eval_loss = evaluate_loss(model, dev_samples, eval_batches, pad_id, device, plan, world=world)
                 metrics.log(step, eval_loss=eval_loss)
-                bar.write(f"step {step}: dev loss {eval_loss:.4f}")
+                say(f"step {step}: dev loss {eval_loss:.4f}")
             if evaluator is not None and (step % train_args.eval_f1_steps == 0 or step == total_steps):
                 best_f1, best_step = _dev_f1(evaluator, model, tokenizer, metrics, step, run_dir, resolved,
-                                             best_f1, best_step, bar)
+                                             best_f1, best_step, say, world)
             saved = False
             if train_args.save_steps and step % train_args.save_steps == 0 and step < total_steps:
                 doing = f"writing the checkpoint of step {step}"
-                save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history, train_args.save_total_limit)
+                save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history, train_args.save_total_limit,
+                                world, per_step)
                 saved = True
             for callback in callbacks:
                 callback(step=step, model=model, metrics=metrics)
+            if world.distributed and step < total_steps:
+                # A signal reaches the ranks at different moments: they stop together, at the
+                # first step end where any of them has it.
+                signalled = world.gather(stop.signal_name, "checking for a stop signal")
+                stop.signal_name = stop.signal_name or next((name for name in signalled if name), None)
             if stop.signal_name and step < total_steps:
                 doing = f"writing the checkpoint of step {step} after {stop.signal_name}"
                 if not saved:
                     save_checkpoint(run_dir, model, optimizer, scheduler, step, metrics.history,
-                                    train_args.save_total_limit)
+                                    train_args.save_total_limit, world, per_step)
                 stop.stop(f"{stop.signal_name} at step {step} of {total_steps}: checkpoint written to "
                           f"{os.path.join(run_dir, 'checkpoints', f'step-{step:06d}')}; continue with "
                           "--resume_from_checkpoint auto")
         doing = "writing the final adapter"
-        adapter_dir = save_adapter(model, tokenizer, os.path.join(run_dir, "adapter_model"), resolved)
-        plot_losses(metrics.history, os.path.join(run_dir, "loss.png"))
+        adapter_dir = os.path.join(run_dir, "adapter_model")
+        if world.main:
+            save_adapter(model, tokenizer, adapter_dir, resolved)
+            plot_losses(metrics.history, os.path.join(run_dir, "loss.png"))
+        world.barrier("waiting for rank 0 to write the final adapter")
     except OSError as e:
         raise describe_os_error(e, run_dir, doing) from None
     finally:
@@ -760,7 +914,7 @@ def _member_dev_f1(adapter_dir: str) -> dict[str, Any] | None:
 
 def train_average(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs,
                   train_args: TrainArgs, log: Callable[[str], None] = print,
-                  callbacks: list[Callable[..., None]] = ()) -> dict[str, Any]:
+                  callbacks: list[Callable[..., None]] = (), world: World = World()) -> dict[str, Any]:
     """Train the recipe once per seed of average_seeds, then average their adapters into one.
 
     Seeds of one recipe make different errors (an entity vote of three MSRA seeds beat each of
@@ -769,38 +923,65 @@ def train_average(model_args: ModelArgs, prompt_args: PromptArgs, data_args: Dat
     best adapter); with --resume_from_checkpoint, seeds that finished are not trained again. The
     average is scored on the same dev sample as the members and the two are compared in the log,
     since an average is only worth using when it beats them there.
+
+    Launched on N processes (one per GPU), the seeds train side by side: rank r trains seeds
+    r, r + N, ... as one-process runs on its own GPU, and rank 0 averages once all are done.
     """
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
     seeds = ",".join(map(str, train_args.average_seeds))
     # said up front: a --seed given for a one-seed run would otherwise go unused without a word
-    log(f"average_seeds {seeds}: {len(train_args.average_seeds)} runs in {run_dir}/seed-N, then their mean in "
+    say = log if world.main else _quiet
+    say(f"average_seeds {seeds}: {len(train_args.average_seeds)} runs in {run_dir}/seed-N, then their mean in "
         f"{run_dir}/average_adapter; --seed is not used (for one run: --average_seeds '' --seed N)")
-    train_records, dev_records, _ = _prepare_inputs(model_args, prompt_args, data_args, train_args, log)
-    check_writable(run_dir)
-    with run_lock(run_dir):
-        recover_atomic_dirs(run_dir, log)
+    if world.distributed:
+        say(f"{world.size} processes: the seeds train side by side, one run per process at a time")
+    train_records, dev_records, _ = world.main_first(
+        lambda: _prepare_inputs(model_args, prompt_args, data_args, train_args, say), doing="reading the data")
+    with contextlib.ExitStack() as held:
+        def claim() -> None:
+            check_writable(run_dir)
+            held.enter_context(run_lock(run_dir))
+            recover_atomic_dirs(run_dir, say)
+
+        world.main_first(claim, others=False, doing="taking the run folder")
         return _train_average_in(run_dir, train_records, dev_records, model_args, prompt_args, data_args, lora_args,
-                                 train_args, log, callbacks)
+                                 train_args, log, callbacks, world)
 
 
 def _train_average_in(run_dir: str, train_records: list[dict], dev_records: list[dict], model_args: ModelArgs,
                       prompt_args: PromptArgs, data_args: DataArgs, lora_args: LoraArgs, train_args: TrainArgs,
-                      log: Callable[[str], None], callbacks: list[Callable[..., None]]) -> dict[str, Any]:
+                      log: Callable[[str], None], callbacks: list[Callable[..., None]],
+                      world: World = World()) -> dict[str, Any]:
     """train_average() once its folder is held (each seed's run holds its own folder too)."""
     from .adapters import average_adapters
 
+    # Each rank's seeds are plain one-process runs on its own device; rank 0 speaks for its own,
+    # the others' lines carry their rank.
+    alone = World(local_rank=world.local_rank)
+    member_log = log if world.main else (lambda line: log(f"rank {world.rank}: {line}"))
     members, results = [], []
     for i, seed in enumerate(train_args.average_seeds, 1):
         args = replace(train_args, seed=seed, output_dir=run_dir, run_name=f"seed-{seed}", average_seeds=[])
         seed_dir = os.path.join(run_dir, args.run_name)
-        if train_args.resume_from_checkpoint and _finished(seed_dir):
-            log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): finished before in {seed_dir}, not trained again")
-        else:
-            log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): training {seed_dir}")
-            results.append(train(model_args, prompt_args, data_args, lora_args, args, log, callbacks))
-            _free_accelerator_memory()
         best = os.path.join(seed_dir, "best_adapter")
-        members.append(best if os.path.isdir(best) else os.path.join(seed_dir, "adapter_model"))
+        if (i - 1) % world.size != world.rank:
+            members.append(best)  # decided below, once its rank has trained it
+            continue
+        if train_args.resume_from_checkpoint and _finished(seed_dir):
+            member_log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): finished before in {seed_dir}, not "
+                       "trained again")
+        else:
+            member_log(f"seed {seed} ({i} of {len(train_args.average_seeds)}): training {seed_dir}")
+            results.append(train(model_args, prompt_args, data_args, lora_args, args, member_log, callbacks, alone))
+            _free_accelerator_memory()
+        members.append(best)
+    # A seed may take hours longer on one GPU than on another: this wait has no short timeout.
+    world.wait_long("waiting for the other processes' seeds")
+    members = [m if os.path.isdir(m) else os.path.join(os.path.dirname(m), "adapter_model") for m in members]
+    if not world.main:
+        world.wait_long("waiting for rank 0 to average the seeds")
+        return {"adapter_dir": os.path.join(run_dir, "average_adapter"), "run_dir": run_dir, "members": members,
+                "trained": results, "dev": None}
 
     average_dir = average_adapters(members, os.path.join(run_dir, "average_adapter"), log)
     dev = None
@@ -808,6 +989,7 @@ def _train_average_in(run_dir: str, train_records: list[dict], dev_records: list
     if train_args.eval_f1_steps and dev_records and all(member_scores):
         dev = _score_average(model_args, prompt_args, train_args, average_dir, train_records, dev_records,
                              members, member_scores, log)
+    world.wait_long("letting the other processes know the average is written")
     return {"adapter_dir": average_dir, "run_dir": run_dir, "members": members, "trained": results, "dev": dev}
 
 

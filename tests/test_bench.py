@@ -349,4 +349,20 @@ def test_the_serve_bench_percentiles_interpolate():
     assert serve_speed.percentile([5.0], 99) == 5.0
 
 
+def test_train_speed_nproc_times_the_real_training_on_1_and_n_processes(train_speed, tmp_path, capsys):
+    report = tmp_path / "scaling.json"
+    rc = train_speed.main(["--tiny", "--nproc", "2", "--workdir", str(tmp_path / "work"), "--json", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    scaling = json.loads(report.read_text())["scaling"]
+    assert set(scaling) == {"1", "2"}
+    for nproc, r in scaling.items():
+        assert r["steps"] == 2 and r["samples_per_s"] > 0  # the warm-up step left out
+        # weak scaling: two processes take twice the samples per step (batch_size 4 each)
+        assert r["samples"] == 2 * 4 * int(nproc)
+    assert scaling["1"]["speedup"] == 1.0
+    rows = table_rows(out)
+    assert rows["2"][2].endswith("x") and rows["1"][2] == "1.00x"
+
+
 from test_predict import adapter_dir  # noqa: E402,F401  (a fixture)
