@@ -303,7 +303,7 @@ def test_the_dev_f1_is_answered_in_shares_and_scored_in_record_order(tiny_ner_mo
     tokenizer = load_tokenizer(tiny_ner_model_dir)
     asked = []
 
-    def perfect(model, tok, prompts, gen):
+    def perfect(model, tok, prompts, gen, **options):
         asked.append(len(prompts))
         return [by_prompt[tuple(p)] for p in prompts]
 

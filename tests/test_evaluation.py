@@ -22,7 +22,7 @@ def test_the_evaluator_maps_answers_back_to_their_records(tiny_ner_model_dir, ne
     evaluator = DevNerEvaluator(tokenizer, "baichuan", records, batch_size=5)
     by_prompt = {tuple(p): r["answer"] for p, r in zip(evaluator.prompts, records)}
 
-    def perfect(model, tok, prompts, gen):
+    def perfect(model, tok, prompts, gen, **options):
         return [by_prompt[tuple(p)] for p in prompts]
 
     monkeypatch.setattr(evaluation, "answer_many", perfect)
@@ -31,7 +31,7 @@ def test_the_evaluator_maps_answers_back_to_their_records(tiny_ner_model_dir, ne
     assert result["records"] == 12 and result["exact_match"] == 1.0 and result["unparseable"] == 0.0
     assert result["micro"]["tp"] > 0 and result["micro"]["f1"] == 1.0
 
-    monkeypatch.setattr(evaluation, "answer_many", lambda m, tok, prompts, gen: ["" for _ in prompts])
+    monkeypatch.setattr(evaluation, "answer_many", lambda m, tok, prompts, gen, **options: ["" for _ in prompts])
     empty = evaluator(model)
     assert empty["unparseable"] == 1.0 and empty["micro"]["tp"] == 0
 
