@@ -175,6 +175,8 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_ner_model_
     from cnqlora.config import parse_options
     from cnqlora.training import TRAIN_SECTIONS, train
 
+    # what was there before the run (a shell's background job inherits SIGINT ignored, for one)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert run_command(lambda a: train(*parse_options(TRAIN_SECTIONS, a), log=lambda _: None,
                                        callbacks=[preempt]), options) == code
     err = capsys.readouterr().err
@@ -182,7 +184,7 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tiny_ner_model_
     assert list_checkpoints(str(tmp_path / "b" / "run"))[-1].endswith("step-000004")
     assert not (tmp_path / "b" / "run" / "adapter_model").exists()
     # The handlers are put back once the run is over.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in before} == before
     resumed = run(tiny_ner_model_dir, ner_data_dir, tmp_path / "b", "--resume_from_checkpoint", "auto")
     assert train_losses(resumed["history"]) == train_losses(full["history"])
 
