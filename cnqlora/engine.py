@@ -201,6 +201,11 @@ class _Slot:
     gen: int = 0  # bumped when the slot is rewound: tokens of steps launched before are stale
     force_mask: bool = False  # its next token is chosen among the allowed ones (after a rejected one)
 
+    @property
+    def position(self) -> int:
+        """Where the next decode step writes: the prompt and every issued token but the newest are in the cache."""
+        return len(self.request.prompt) + self.issued - 1
+
 
 @dataclass
 class _Launched:
@@ -382,10 +387,10 @@ class Engine:
                        "last": torch.zeros(rows, dtype=torch.long, device=device),
                        "lens": torch.zeros(rows, dtype=torch.long, device=device)}
             self._fixed[shape] = buffers
-        buffers["ids"].copy_(self._to_device(ids), non_blocking=True)
-        buffers["index"].copy_(self._to_device(slots + [self._scratch] * pad), non_blocking=True)
-        buffers["last"].copy_(self._to_device([len(r) - 1 for r in rest] + [0] * pad), non_blocking=True)
-        buffers["lens"].copy_(self._to_device(lens), non_blocking=True)
+        self._fill(buffers["ids"], ids)
+        self._fill(buffers["index"], slots + [self._scratch] * pad)
+        self._fill(buffers["last"], [len(r) - 1 for r in rest] + [0] * pad)
+        self._fill(buffers["lens"], lens)
 
         def run():
             logits = self._prefill_pass(buffers["ids"], buffers["index"], buffers["last"])
@@ -556,6 +561,13 @@ class Engine:
         host = torch.tensor(values, dtype=torch.long, pin_memory=self.m.device.type == "cuda")
         return host.to(self.m.device, non_blocking=True)
 
+    def _fill(self, buffer, values: list) -> None:
+        """Copy `values` into a device tensor that must keep its address (a graph's input)."""
+        import torch
+
+        host = torch.tensor(values, dtype=buffer.dtype, pin_memory=self.m.device.type == "cuda")
+        buffer.copy_(host, non_blocking=True)
+
     def _launch_read(self, tokens, rows: list[tuple[int, int, _Slot]], kind: str, timing) -> _Launched:
         """Queue the copy of `tokens` to the host; the step is read later, by _read."""
         import torch
@@ -623,7 +635,6 @@ class Engine:
         self._pos = torch.zeros(n_total, dtype=torch.long, device=device)
         self._active = torch.zeros(n_total, dtype=torch.bool, device=device)
         slots: list[_Slot | None] = [None] * n_slots
-        length = [0] * n_slots  # each slot's cache length once its issued tokens are in
         launched: deque[_Launched] = deque()
         rewinds: list[tuple[int, _Slot, int, int]] = []  # (slot, its request, input token, position)
         prefix = _shared_prefix([r.prompt for r in requests]) if feed is None else []
@@ -647,7 +658,6 @@ class Engine:
             if request.seed is not None and (request.sampling or self.sampling).do_sample:
                 s.generator = torch.Generator(device=device).manual_seed(int(request.seed))
             slots[slot] = s
-            length[slot] = len(request.prompt)
 
         def finish(slot: int) -> tuple[int, list[int]]:
             s = slots[slot]
@@ -664,8 +674,7 @@ class Engine:
             s.gen += 1
             s.issued = k
             s.force_mask = True
-            length[slot] = len(s.request.prompt) + k - 1
-            rewinds.append((slot, s, s.tokens[-1] if k else s.request.prompt[-1], length[slot]))
+            rewinds.append((slot, s, s.tokens[-1] if k else s.request.prompt[-1], s.position))
             stats["rewinds"] += 1
 
         def read(step: _Launched) -> Iterator[tuple[int, list[int]]]:
@@ -757,7 +766,7 @@ class Engine:
                                 tokens = self._choose(logits, [slots[t] for t in targets])
                                 index = self._to_device(targets)
                                 self._tok[index] = tokens
-                                self._pos[index] = self._to_device([length[t] for t in targets])
+                                self._pos[index] = self._to_device([slots[t].position for t in targets])
                         stats["prefill_calls"] += 1
                         launched.append(self._launch_read(
                             tokens, [(row, t, slots[t], 0) for row, t in enumerate(targets)], "prefill", timing))
@@ -778,10 +787,10 @@ class Engine:
                     active = [False] * n_total
                     for i in step_slots:
                         active[i] = True
-                    self._active.copy_(torch.tensor(active, pin_memory=device.type == "cuda"), non_blocking=True)
+                    self._fill(self._active, active)
                     # A small model's step costs its launches, not its cache reads: one span, one graph.
                     span = max_len if self.prefill_graphs else min(
-                        max_len, _round_up(max(length[i] for i in step_slots) + 1, self.length_step))
+                        max_len, _round_up(max(slots[i].position for i in step_slots) + 1, self.length_step))
                     timing = self._timing()
                     with torch.profiler.record_function("engine.decode"):
                         logits = self._launch_step(span, greedy)
@@ -789,7 +798,6 @@ class Engine:
                     rows = [(i, i, slots[i], slots[i].gen) for i in step_slots]
                     for i in step_slots:
                         slots[i].issued += 1
-                        length[i] += 1
                     if not greedy:
                         # the constraints and samplers need every token before this step's
                         yield from drain(0)
