@@ -84,3 +84,33 @@ def tiny_ner_model_dir(tmp_path_factory, ner_data_dir) -> str:
             r = json.loads(line)
             texts.append(f"Human: \n{r['instruct']}\n{r['query']}\n\nAssistant: \n{r['answer']}")
     return write_tiny_baichuan(str(tmp_path_factory.mktemp("tiny_ner_model")), texts, vocab_size=1200)
+
+
+# A random adapter and the tiny model loaded with it, built once per test module that asks.
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_ner_model_dir, tmp_path_factory):
+    """An adapter whose LoRA B is random, so it visibly changes the base model's output."""
+    import torch
+
+    from cnqlora.models import LoraArgs, ModelArgs, attach_lora, load_model, load_tokenizer
+    from cnqlora.training import save_adapter
+
+    torch.manual_seed(0)
+    model, _ = attach_lora(load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu")), LoraArgs())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    dest = str(tmp_path_factory.mktemp("adapter") / "adapter_model")
+    return save_adapter(model, load_tokenizer(tiny_ner_model_dir), dest, "template: baichuan\n")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ner_model_dir, adapter_dir):
+    """The tiny model with `adapter_dir`, as predict.py loads them (4-bit base + LoRA, CPU)."""
+    from cnqlora.data import PromptArgs
+    from cnqlora.inference import load_for_inference
+    from cnqlora.models import ModelArgs
+
+    return load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(),
+                              adapter_dir)

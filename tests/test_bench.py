@@ -364,5 +364,3 @@ def test_train_speed_nproc_times_the_real_training_on_1_and_n_processes(train_sp
     rows = table_rows(out)
     assert rows["2"][2].endswith("x") and rows["1"][2] == "1.00x"
 
-
-from test_predict import adapter_dir  # noqa: E402,F401  (a fixture)

@@ -170,7 +170,7 @@ def test_unsupported_models_are_named():
 
 # --------------------------------------------------------------------------- through the commands
 
-from test_predict import adapter_dir, predict_argv  # noqa: E402,F401  (adapter_dir is a fixture)
+from test_predict import predict_argv  # noqa: E402
 
 
 @pytest.mark.parametrize("grounded", [False, True])

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import predict
 import test_baichuan
@@ -15,28 +14,6 @@ from cnqlora.generation import GenerationArgs, TextStream, generate_batch, gener
 from cnqlora.errors import UserError
 from cnqlora.inference import Item, PredictArgs, entity_types, interactive, load_for_inference, prompt_ids
 from cnqlora.models import ModelArgs
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_ner_model_dir, tmp_path_factory):
-    """An adapter whose LoRA B is random, so it visibly changes the base model's output."""
-    from cnqlora.models import LoraArgs, attach_lora, load_model, load_tokenizer
-    from cnqlora.training import save_adapter
-
-    torch.manual_seed(0)
-    model, _ = attach_lora(load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu")), LoraArgs())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    dest = str(tmp_path_factory.mktemp("adapter") / "adapter_model")
-    return save_adapter(model, load_tokenizer(tiny_ner_model_dir), dest, "template: baichuan\n")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_ner_model_dir, adapter_dir):
-    return load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(),
-                              adapter_dir)
 
 
 def sentences(data_dir, n):

@@ -13,42 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 
 import predict
 from cnqlora.cli import run_command
-from cnqlora.data import PromptArgs, encode_text
+from cnqlora.data import encode_text
 from cnqlora.generation import GenerationArgs, answer_many
-from cnqlora.inference import Item, PredictArgs, load_for_inference, prompt_ids
-from cnqlora.models import ModelArgs
+from cnqlora.inference import Item, PredictArgs, prompt_ids
 from cnqlora.msra import QUERY_PREFIX, SEED_INSTRUCTION
 from cnqlora.serving import ServeArgs, ServerThread, Service, locate_entities
 
 KEY = "test-key-123"
 TYPES = ["人名", "地名", "机构名"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_ner_model_dir, tmp_path_factory):
-    """A random adapter (as in test_predict): the server runs base + LoRA, the usual case."""
-    from cnqlora.models import LoraArgs, attach_lora, load_model, load_tokenizer
-    from cnqlora.training import save_adapter
-
-    torch.manual_seed(0)
-    model, _ = attach_lora(load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu")), LoraArgs())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    dest = str(tmp_path_factory.mktemp("serve_adapter") / "adapter_model")
-    return save_adapter(model, load_tokenizer(tiny_ner_model_dir), dest, "template: baichuan\n")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_ner_model_dir, adapter_dir):
-    return load_for_inference(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu"), PromptArgs(),
-                              adapter_dir)
 
 
 def make_service(loaded, *, stop_ids=None, batch_size=4, **serve) -> Service:
