@@ -306,6 +306,18 @@ def build_model(config: BaichuanConfig, device: str, seed: int = 0, quantize: bo
     return model
 
 
+def build_generation_model(tiny: bool, vocab_size: int, device: str, seed: int, compute_dtype: torch.dtype):
+    """build_model's NF4 Baichuan (7B shape, or the tiny one), in eval mode with its KV cache on.
+
+    model_config turns the cache off for training; generation needs it (the seed had it on).
+    """
+    model = build_model(model_config(tiny, vocab_size=vocab_size), device, seed=seed, compute_dtype=compute_dtype)
+    model.eval()
+    model.config.use_cache = True
+    model.generation_config.use_cache = True
+    return model
+
+
 def dequantize_model(model, dtype: torch.dtype = torch.bfloat16) -> None:
     """Replace every Linear4bit by a plain Linear holding its dequantised weight (in place).
 

@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     if args.shape == "qwen0.5b":
         model = build_qwen(args.tiny, len(tokenizer), device, dtype, args.seed)
     else:
-        model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device,
-                                   seed=args.seed, compute_dtype=dtype).eval()
+        model = common.build_generation_model(args.tiny, len(tokenizer), device, args.seed, dtype)
         if args.form == "merged":
             common.dequantize_model(model, dtype)
     engine = Engine(model, [], tokenizer.pad_token_id, max_batch=256, kv_memory_fraction=0.8,

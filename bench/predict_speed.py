@@ -335,10 +335,7 @@ def engine_suite(args) -> int:
         from cnqlora.models import LoraArgs, attach_lora
 
         with phases("build NF4 model"):
-            model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device,
-                                       seed=args.seed, compute_dtype=dtype)
-            model.eval()
-            model.config.use_cache = True
+            model = common.build_generation_model(args.tiny, len(tokenizer), device, args.seed, dtype)
         if not args.skip_generate:
             with phases("seed loop"):
                 r = common.guarded(lambda _: seed_loop(model, tokenizer, records[:args.seed_records + 2],
@@ -419,12 +416,7 @@ def main(argv=None) -> int:
 
     dtype = resolve_dtype("auto", device)
     with phases("build NF4 model"):
-        model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device, seed=args.seed,
-                                   compute_dtype=dtype)
-        model.eval()
-        # model_config turns the KV cache off for training; generation needs it (the seed had it on).
-        model.config.use_cache = True
-        model.generation_config.use_cache = True
+        model = common.build_generation_model(args.tiny, len(tokenizer), device, args.seed, dtype)
         if device == "cuda":
             torch.cuda.empty_cache()
         log(f"weights: {gib(sum(common.weight_bytes(model))):.2f} GiB")

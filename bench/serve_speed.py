@@ -172,10 +172,7 @@ def server_main(args) -> int:
             f"{min(targets)}-{max(targets)} tokens, mean {sum(targets) / len(targets):.1f}")
     dtype = resolve_dtype("auto", device)
     with phases("build"):
-        model = common.build_model(common.model_config(args.tiny, vocab_size=len(tokenizer)), device, seed=args.seed,
-                                   compute_dtype=dtype)
-        model.eval()
-        model.config.use_cache = True
+        model = common.build_generation_model(args.tiny, len(tokenizer), device, args.seed, dtype)
         if args.form == "merged":
             common.dequantize_model(model, dtype)
             common.free_memory(device)
