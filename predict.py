@@ -79,7 +79,8 @@ def interactive(model_args, prompt_args, args, gen):
     from cnqlora.inference import interactive as chat
     from cnqlora.inference import load_for_inference
 
-    return chat(load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode), args, gen)
+    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels)
+    return chat(loaded, args, gen)
 
 
 def predict(model_args, prompt_args, args, gen):
@@ -92,7 +93,7 @@ def predict(model_args, prompt_args, args, gen):
     if args.limit:
         items = items[:args.limit]
     args.predictions_file = args.predictions_file or f"{args.data_file}.predictions.jsonl"
-    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode)
+    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels)
     print(f"loaded in {loaded.seconds:.1f}s: {loaded.description}")
     run = predict_file(loaded, items, args, gen)
     print(f"{run['predicted']} predicted in {run['seconds']:.1f}s ({run['sentences_per_s']:.2f} sentences/s) "

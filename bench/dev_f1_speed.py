@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=64, help="the evaluator's batch size (training's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fused_kernels", default="auto", choices=("auto", "liger", "off"),
+                        help="Liger's fused kernels, as training applies them (auto: on a GPU when installed)")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
 
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     from cnqlora.training import spread
 
     loaded = load_for_inference(ModelArgs(model_name_or_path=args.model, quantization=args.quantization,
-                                          device=args.device), PromptArgs(template=args.template), args.adapter)
+                                          device=args.device), PromptArgs(template=args.template), args.adapter,
+                                fused_kernels=args.fused_kernels)
     print(loaded.description, flush=True)
     records = spread(load_records(args.dev), args.samples)
     evaluator = DevNerEvaluator(loaded.tokenizer, loaded.template, records, batch_size=args.batch_size,

@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from cnqlora.data import encode_prompt  # noqa: E402
 from cnqlora.generation import GenerationArgs, generate_ids, length_sorted_batches, stop_token_ids  # noqa: E402
 from cnqlora.models import resolve_dtype  # noqa: E402
+from cnqlora.speed import apply_fused_kernels, liger_available, remove_fused_kernels  # noqa: E402
 
 
 def no_stop_factory(stop_ids: list[int]):
@@ -325,12 +326,21 @@ def engine_suite(args) -> int:
                 results[name] = common.guarded(go, device, retry_without_liger=False)
 
     big = args.engine_batch
+    fused = args.fused_kernels == "also" and device == "cuda" and liger_available()
+
+    def engine_paths(name: str, model, form: str, workload: str) -> None:
+        measure(f"engine{name} {workload}", model, form, workload, "engine", big)
+        if fused:  # the same with Liger's norm, RoPE and SwiGLU (what predict.py's fused_kernels auto does)
+            apply_fused_kernels(model)
+            measure(f"engine{name} fused {workload}", model, form + " fused", workload, "engine", big)
+            remove_fused_kernels(model)
+
     if args.shape == "qwen0.5b":
         with phases("build"):
             model = build_qwen(args.tiny, len(tokenizer), device, dtype, args.seed)
         for workload in ("fixed", "reference"):
             measure(f"generate-b64 {workload}", model, "bf16", workload, "generate", 64)
-            measure(f"engine {workload}", model, "bf16", workload, "engine", big)
+            engine_paths("", model, "bf16", workload)
     else:
         from cnqlora.models import LoraArgs, attach_lora
 
@@ -347,7 +357,7 @@ def engine_suite(args) -> int:
         lora.eval()
         for workload in ("fixed", "reference"):
             measure(f"generate-b64 nf4+lora {workload}", lora, "nf4+lora", workload, "generate", 64)
-            measure(f"engine nf4+lora {workload}", lora, "nf4+lora", workload, "engine", big)
+            engine_paths(" nf4+lora", lora, "nf4+lora", workload)
         model = lora.unload()
         del lora
         with phases("dequantise to a merged 16-bit model"):
@@ -355,7 +365,7 @@ def engine_suite(args) -> int:
             common.free_memory(device)
         for workload in ("fixed", "reference"):
             measure(f"generate-b64 merged {workload}", model, "merged bf16", workload, "generate", 64)
-            measure(f"engine merged {workload}", model, "merged bf16", workload, "engine", big)
+            engine_paths(" merged", model, "merged bf16", workload)
     report["elapsed_s"] = common.elapsed()
     common.write_json(args.json, report)
     headers = ["path", "form", "workload", "batch", "sentences", "sent/s", "new tok/s", "peak GiB", "% of limit",
@@ -388,6 +398,8 @@ def parse_args(argv):
     parser.add_argument("--shape", choices=("baichuan7b", "qwen0.5b"), default="baichuan7b",
                         help="engine suite: the model shape (random weights)")
     parser.add_argument("--engine_batch", type=int, default=256, help="engine suite: the engine's KV-cache slots")
+    parser.add_argument("--fused_kernels", choices=("off", "also"), default="off",
+                        help="engine suite: also: time each engine path again with Liger's fused kernels (GPU)")
     parser.add_argument("--skip_generate", action="store_true", help="engine suite: time the engine paths only")
     parser.add_argument("--hf_records", type=int, default=1024,
                         help="engine suite: sentences for the (slow) generate paths")

@@ -177,12 +177,23 @@ class _Model:
 def _attention(q, k, v, mask=None, causal=False, scale=None):
     import torch.nn.functional as F
 
-    if k.shape[1] != q.shape[1]:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None:
+        # With a mask, no fused SDPA kernel takes grouped-query attention, and the math fallback
+        # copies every key and value once per query head (on the Qwen-0.5B shape ~8 GB a decode
+        # step). The `groups` query heads that share a key head are instead stacked as that
+        # head's query rows (HF's order: query head h reads key head h // groups), so one masked
+        # kernel reads each key once.
+        batch, heads, length, dim = q.shape
+        stacked = q.reshape(batch, k.shape[1], groups * length, dim)
+        if length > 1:
+            mask = mask.repeat(*([1] * (mask.dim() - 2)), groups, 1)
+        out = F.scaled_dot_product_attention(stacked, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(batch, heads, length, dim)
+    if groups > 1:
         try:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                                  enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
         except TypeError:  # torch < 2.5 has no enable_gqa
-            groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 

@@ -29,6 +29,7 @@ from .data import (MAX_REPORTED_ERRORS, BadRecord, PromptArgs, encode_prompt, en
 from .errors import UserError
 from .generation import GenerationArgs, TextStream, answer_many
 from .models import ModelArgs
+from .speed import FUSED_KERNELS
 
 
 ADAPTER_MODES = ("auto", "merged", "lora")
@@ -68,6 +69,8 @@ class PredictArgs:
                                       "adapters of several seeds): write the adapter that is their mean to "
                                       "--average_to and exit; no model is loaded")
     average_to: str | None = opt(None, "where --average_adapters writes the averaged adapter")
+    fused_kernels: str = opt("auto", "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE for generation; auto: when "
+                             "installed and a CUDA GPU is present", choices=FUSED_KERNELS)
     gpus: str | None = opt(None, "GPU ids to use, e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES)")
     only_cpu: bool = opt(False, "run on the CPU")
 
@@ -125,13 +128,16 @@ def _merge_in_memory(mode: str, model_args: ModelArgs, device: str) -> bool:
 
 
 def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_model: str | None,
-                       adapter_mode: str = "lora") -> Loaded:
+                       adapter_mode: str = "lora", fused_kernels: str = "off") -> Loaded:
     """Base model (quantised as asked) + optional adapter, checked before anything heavy loads.
 
     adapter_mode merged (or auto with room on the GPU) loads the base in 16 bits and folds the
     adapter into it: prediction then runs plain matmuls with no LoRA layers, whatever the rank.
+    fused_kernels as training's: on a small model a decode step is hundreds of short kernels, and
+    Liger's fused norm, RoPE and SwiGLU remove about half of them.
     """
     from .models import check_model_folder, load_model, load_tokenizer, resolve_device
+    from .speed import apply_fused_kernels, resolve_fused_kernels
 
     started = time.time()
     config = check_model_folder(model_args.model_name_or_path, need_tokenizer=model_args.tokenizer_path is None,
@@ -144,6 +150,7 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
     device = resolve_device(model_args.device)
+    fused = resolve_fused_kernels(fused_kernels, device.startswith("cuda"), []) == "liger"
     merged = adapter is not None and _merge_in_memory(adapter_mode, model_args, device)
     if merged:
         model_args = replace(model_args, quantization="none")
@@ -158,10 +165,12 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
         if merged:
             model = model.merge_and_unload()
     model.eval()
+    if fused:
+        apply_fused_kernels(model)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     description = (f"model {model_args.model_name_or_path} ({config.get('model_type')}, {model_args.quantization}, "
                    f"compute {dtype}) + {('adapter ' + lora_model + (' (merged in memory)' if merged else '')) if lora_model else 'no adapter'} on {device}; "
-                   f"template {template}")
+                   f"template {template}" + ("; Liger's fused kernels" if fused else ""))
     return Loaded(model, tokenizer, template, description, time.time() - started, device)
 
 

@@ -913,7 +913,8 @@ def serve(model_args, prompt_args, args, gen, serve_args: ServeArgs, log=print) 
                         "data is not there to infer them from).")
     sock = bind(serve_args.host, serve_args.port)
     try:
-        loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode)
+        loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode,
+                                    args.fused_kernels)
         service = Service(loaded, args, gen, serve_args, types, model_name=serve_args.served_model_name)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -370,3 +370,26 @@ def test_prompts_sharing_too_little_are_prefilled_whole():
     engine = Engine(model, [2], pad_id=0)
     engine.generate([Request([5] * 10 + [6], 2), Request([5] * 10 + [7], 2)])
     assert engine.last_stats["shared_prefix"] == 0  # 10 shared tokens: below shared_prefix_min (16)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_grouped_query_attention_with_a_mask_equals_repeated_keys(length):
+    # The engine stacks the query heads sharing a key head instead of copying keys per head; the
+    # result must be what attention over repeated keys gives, head by head.
+    import torch.nn.functional as F
+
+    from cnqlora.engine import _attention
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv, keys, dim = 3, 6, 2, 9, 8
+    q = torch.randn(batch, length, heads, dim, generator=g).transpose(1, 2)  # strided, as the engine's
+    k, v = torch.randn(2, batch, kv, keys, dim, generator=g)
+    if length == 1:  # decode: each row sees its own number of keys
+        mask = (torch.arange(keys)[None, :] <= torch.tensor([2, 8, 5])[:, None])[:, None, None, :]
+    else:  # prefill after a prefix of 4 keys: causal over the rest
+        mask = torch.arange(keys)[None, :] <= torch.arange(4, keys)[:, None]
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1),
+                                              attn_mask=mask, scale=0.3)
+    got = _attention(q, k, v, mask=mask, scale=0.3)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

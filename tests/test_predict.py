@@ -313,3 +313,16 @@ def test_a_merge_stops_where_its_adapter_does(tiny_ner_model_dir, adapter_dir, t
     trained, base = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
     assert tokenizer.eos_token == "<s>"
     assert {trained, base} <= set(GenerationConfig.from_pretrained(out).eos_token_id)
+
+
+def test_fused_kernels_on_the_cpu_are_refused_before_the_model_loads(tiny_ner_model_dir, monkeypatch, capsys):
+    import cnqlora.models
+
+    def no_loading(*_, **__):
+        raise AssertionError("the model was loaded before the option was checked")
+
+    monkeypatch.setattr(cnqlora.models, "load_model", no_loading)
+    argv = ["--base_model", tiny_ner_model_dir, "--interactive", "--only_cpu", "--fused_kernels", "liger"]
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--fused_kernels liger needs a CUDA GPU" in err and "Traceback" not in err, err
