@@ -167,7 +167,7 @@ def _tokenizer_json(tokenizer) -> dict | None:
         return None
 
 
-def byte_table_kind(tokenizer) -> str:
+def byte_table_kind(tokenizer, spec: dict | None = None) -> str:
     """How token strings map to bytes: "sentencepiece", "sp_tokenizers", "byte_level" or "generic".
 
     "sentencepiece": the tokenizer has a SentencePiece ``sp_model`` (slow Baichuan/LLaMA style).
@@ -178,7 +178,7 @@ def byte_table_kind(tokenizer) -> str:
     sp = getattr(tokenizer, "sp_model", None)
     if sp is not None and hasattr(sp, "IdToPiece") and hasattr(sp, "is_byte"):
         return "sentencepiece"
-    spec = _tokenizer_json(tokenizer)
+    spec = spec or _tokenizer_json(tokenizer)
     if spec is None:
         return "generic"
     steps = _decoder_steps(spec.get("decoder"))
@@ -218,8 +218,8 @@ def _sentencepiece_table(tokenizer) -> list[bytes | None]:
     return table
 
 
-def _tokenizers_table(tokenizer, kind: str) -> list[bytes | None]:
-    spec = _tokenizer_json(tokenizer) or {}
+def _tokenizers_table(tokenizer, kind: str, spec: dict | None) -> list[bytes | None]:
+    spec = spec or {}
     backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer._tokenizer
     vocab = backend.get_vocab(with_added_tokens=False)
     table: list[bytes | None] = [None] * max(
@@ -274,11 +274,13 @@ def token_byte_table(tokenizer) -> list[bytes | None]:
     `tokenizers` models converted from SentencePiece (fast LLaMA) and byte-level BPE (Qwen2,
     GPT-2); anything else falls back to decoding tokens one at a time (approximate).
     """
-    kind = byte_table_kind(tokenizer)
+    # the tokenizer's JSON (a 150k vocabulary: ~0.5 s to write out and parse) is read once
+    spec = None if getattr(tokenizer, "sp_model", None) is not None else _tokenizer_json(tokenizer)
+    kind = byte_table_kind(tokenizer, spec)
     if kind == "sentencepiece":
         table = _sentencepiece_table(tokenizer)
     elif kind in ("byte_level", "sp_tokenizers"):
-        table = _tokenizers_table(tokenizer, kind)
+        table = _tokenizers_table(tokenizer, kind, spec)
     else:
         table = _generic_table(tokenizer)
     _drop_skipped_tokens(tokenizer, table)
@@ -500,22 +502,13 @@ class NerGrammar:
     Transitions into states from which no accepting state is reachable are removed.
     """
 
-    def __init__(self, text: str, types: Iterable[str]):
+    START_KEY = (_LINE, 0, 1, 0)
+
+    def __init__(self, text: str, types: Iterable[str], build: bool = True):
         self.text = text
+        self.data = text.encode("utf-8")
         self.types = _check_types(types)
-        data = text.encode("utf-8")
-        self.sam = SuffixAutomaton(data)
-        # Facts about the character that ends at each byte position.
-        n = len(data)
-        self._char_end = [False] * n
-        self._space_end = [False] * n
-        self._bad_end = [False] * n
-        pos = 0
-        for ch in text:
-            pos += len(ch.encode("utf-8"))
-            self._char_end[pos - 1] = True
-            self._space_end[pos - 1] = ch.isspace()
-            self._bad_end[pos - 1] = ch == SEPARATOR or _breaks_line(ch)
+        self.sam: SuffixAutomaton | None = None  # with the facts below, made by _index_text
         self._nothing = NOTHING.encode("utf-8")
         # Type trie.
         self._type_kids: list[dict[int, int]] = [{}]
@@ -531,7 +524,33 @@ class NerGrammar:
                     self._type_kids[node][byte] = child
                 node = child
             self._type_end[node] = True
-        self._build()
+        # Per type-trie node, the fewest bytes to a complete type (the trie's nodes are numbered
+        # parents first, so children are final before their parent is reached backwards).
+        self._type_need = [0 if end else _INF for end in self._type_end]
+        for node in range(len(self._type_kids) - 1, -1, -1):
+            for child in self._type_kids[node].values():
+                self._type_need[node] = min(self._type_need[node], self._type_need[child] + 1)
+        if build:
+            self._build()
+
+    def _index_text(self) -> None:
+        """The text's suffix automaton and facts about the character ending at each byte.
+
+        Deferred until an entity is first stepped into: a lazy answer (GroundedAnswer) then pays
+        for it inside the decode loop, while the GPU runs, rather than all before it."""
+        if self.sam is not None:
+            return
+        data, n = self.data, len(self.data)
+        self._char_end = [False] * n
+        self._space_end = [False] * n
+        self._bad_end = [False] * n
+        pos = 0
+        for ch in self.text:
+            pos += len(ch.encode("utf-8"))
+            self._char_end[pos - 1] = True
+            self._space_end[pos - 1] = ch.isspace()
+            self._bad_end[pos - 1] = ch == SEPARATOR or _breaks_line(ch)
+        self.sam = SuffixAutomaton(data)
 
     # -- key-level grammar -------------------------------------------------------------------
 
@@ -594,7 +613,8 @@ class NerGrammar:
     # -- determinised automaton ----------------------------------------------------------------
 
     def _build(self) -> None:
-        start = (_LINE, 0, 1, 0)
+        self._index_text()
+        start = self.START_KEY
         ids = {start: 0}
         keys = [start]
         trans: list[dict[int, int]] = []
@@ -630,7 +650,54 @@ class NerGrammar:
         self.trans = [{b: t for b, t in row.items() if live[t]} for row in trans]
         self.accepting = accepting
         self.keys = keys
+        self.ids = ids
         self.start = 0
+
+    def feed_key(self, key: tuple, data: bytes) -> tuple | None:
+        """The key after `data` from `key` without the built automaton; None where a byte is refused.
+
+        Follows the same transitions `_build` enumerates, but keeps states from which no answer
+        can be completed (the built automaton drops them): `path_bytes` tells those apart.
+        """
+        self._index_text()
+        for byte in data:
+            key = self._step_key(key, byte)
+            if key is None:
+                return None
+        return key
+
+    def path_bytes(self, key: tuple) -> int | None:
+        """The length in bytes of some path from `key` to a complete answer; None if none is found
+        cheaply (not a proof that there is none).
+
+        Tried: finishing 没有, finishing the type, or following the text on from the entity for a
+        few bytes until it may end, then "_" and the shortest type.
+        """
+        if key[0] == _AFTER_NL:
+            return 0
+        if key[0] == _TYPE:
+            need = self._type_need[key[1]]
+            return None if need >= _INF else need
+        _, v, pending, k = key
+        best = len(self._nothing) - k if 0 <= k <= len(self._nothing) else None
+        if v > 0:
+            self._index_text()
+            shortest_type = self._type_need[0]
+            pos, walked = self.sam.endpos[v], 0
+            # The entity so far occurs ending at `pos`, so the text's next bytes extend it.
+            while walked <= 12:
+                if self._can_end(key[1], key[2]):
+                    length = walked + 1 + shortest_type
+                    best = length if best is None else min(best, length)
+                    break
+                pos += 1
+                if pos >= len(self.data):
+                    break
+                key = self._step_key(key, self.data[pos])
+                if key is None or key[0] != _LINE or key[1] < 0:
+                    break
+                walked += 1
+        return best
 
     def step(self, state: int, byte: int) -> int:
         if state < 0:
@@ -935,8 +1002,16 @@ class GroundedAnswer:
     """The grounded-decoding state of one answer, for the engine, which decodes rows independently.
 
     The same grammar, budget and masks as GroundedNerLogitsProcessor, per request instead of per
-    batch: `allowed(generated, vocab)` gives the token ids the next token may take and
-    `advance(token)` moves past the chosen one.
+    batch: `allowed(generated, vocab)` gives the token ids the next token may take, `permits`
+    checks one token, and `advance(token)` moves past the chosen one.
+
+    Building a text's whole automaton and budget table costs milliseconds of Python (a 4,631-line
+    MSRA file: longer than decoding it on a GPU), while a greedy row only walks one path through
+    it. So with a tokenizer that has every single byte as a token, the answer starts lazy: a
+    token is permitted when it steps through the grammar to a state from which some answer fits
+    in the budget (`NerGrammar.path_bytes`: a path of single bytes, each a unit token, bounds the
+    budget table's distance). Only when that cheap check cannot decide, or the full list of
+    allowed tokens is asked for, is the automaton built; the answers are the same either way.
     """
 
     def __init__(self, tokenizer, text: str, types: Sequence[str], max_new_tokens: int,
@@ -953,16 +1028,43 @@ class GroundedAnswer:
                 shared[key] = context
         self.trie, self.eos_set = context.trie, context._eos_set
         self.eos = torch.tensor(context.eos_ids, dtype=torch.long)
-        self.text = _GroundedText(text, context.types, context.trie, context._eos_set)
-        if self.text.dist[self.text.grammar.start] + 1 > max_new_tokens:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a guaranteed well-formed answer: "
-                             f"this text needs at least {self.text.dist[self.text.grammar.start] + 1}")
         self.max_new_tokens = max_new_tokens
-        self.state = self.text.grammar.start
+        self._source, self._types = text, context.types
+        self._full: _GroundedText | None = None
+        self._state = 0  # the built automaton's state, once built
+        self._grammar = NerGrammar(text, context.types, build=False)
+        self._key: tuple | None = NerGrammar.START_KEY  # None: the answer has ended (EOS)
+        self._checked: tuple[int, tuple] | None = None  # (token, key after it) of the last permits
+        need = self._grammar.path_bytes(self._key)
+        if self.trie.missing_bytes or need is None or need + 1 > max_new_tokens:
+            self._build()
+            if self._full.dist[self._full.grammar.start] + 1 > max_new_tokens:
+                raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a guaranteed well-formed "
+                                 f"answer: this text needs at least {self._full.dist[self._full.grammar.start] + 1}")
+
+    def _build(self) -> _GroundedText:
+        if self._full is None:
+            self._full = _GroundedText(self._source, self._types, self.trie, self.eos_set)
+            # the key reached so far is live (only permitted tokens led to it), so it has an id
+            self._state = _DONE if self._key is None else self._full.grammar.ids[self._key]
+        return self._full
+
+    @property
+    def text(self) -> _GroundedText:
+        """The text's built automaton and budget table (built now if it was not yet)."""
+        return self._build()
+
+    @property
+    def state(self) -> int:
+        """The built automaton's current state (_DONE after EOS)."""
+        if self._full is None and self._key is None:
+            return _DONE
+        self._build()
+        return self._state
 
     def allowed(self, generated: int, vocab: int) -> torch.Tensor:
         eos = self.eos[self.eos < vocab]
-        return _allowed_tokens(self.text, self.state, self.max_new_tokens - generated, vocab, eos)
+        return _allowed_tokens(self._build(), self._state, self.max_new_tokens - generated, vocab, eos)
 
     def permits(self, token: int, generated: int, vocab: int) -> bool:
         """Whether `token` is one of allowed(generated, vocab), without listing them.
@@ -975,19 +1077,52 @@ class GroundedAnswer:
         if not 0 <= token < vocab:
             return False
         left = self.max_new_tokens - generated
-        if self.state == _DONE or left <= 0:
+        done = self._key is None if self._full is None else self._state == _DONE
+        if done or left <= 0:
             return token in self.eos_set
+        if self._full is None:
+            if token in self.eos_set:
+                return self._grammar._accepting_key(self._key)
+            data = self.trie.table[token] if token < len(self.trie.table) else None
+            if not data or token in self.eos_set:
+                return False
+            nxt = self._grammar.feed_key(self._key, data)
+            if nxt is None:
+                return False
+            need = self._grammar.path_bytes(nxt)
+            if need is not None and need <= left - 2:
+                self._checked = (token, nxt)
+                return True
+            self._build()  # undecided cheaply: the built automaton decides, from now on
+        full = self._full
         if token in self.eos_set:
-            return bool(self.text.grammar.accepting[self.state])
+            return bool(full.grammar.accepting[self._state])
         data = self.trie.table[token] if token < len(self.trie.table) else None
-        if not data or token in self.text.forbidden:
+        if not data or token in full.forbidden:
             return False
-        nxt = self.text.grammar.feed(self.state, data)
-        return nxt >= 0 and self.text.dist[nxt] <= left - 2
+        nxt = full.grammar.feed(self._state, data)
+        return nxt >= 0 and full.dist[nxt] <= left - 2
 
     def advance(self, token: int) -> None:
-        if self.state != _DONE:
-            self.state = _next_state(self.text, self.trie, self.eos_set, self.state, int(token), "grounded answer")
+        token = int(token)
+        if self._full is None:
+            if self._key is None:
+                return
+            if token in self.eos_set and self._grammar._accepting_key(self._key):
+                self._key = None
+                return
+            checked, self._checked = self._checked, None
+            if checked is not None and checked[0] == token:
+                self._key = checked[1]
+                return
+            data = self.trie.table[token] if 0 <= token < len(self.trie.table) else None
+            nxt = self._grammar.feed_key(self._key, data) if data else None
+            if nxt is not None and self._grammar.path_bytes(nxt) is not None:
+                self._key = nxt
+                return
+            self._build()  # a token not checked first: the built automaton says whether it may follow
+        if self._state != _DONE:
+            self._state = _next_state(self._full, self.trie, self.eos_set, self._state, token, "grounded answer")
 
 
 def grounded_processor_factory(

@@ -683,3 +683,35 @@ def test_permits_is_membership_in_the_allowed_tokens(kind, sp_model_path):
                 break
             choice = sorted(allowed)[int(torch.randint(len(allowed), (1,), generator=g))]
             answer.advance(choice)
+
+
+@pytest.mark.parametrize("kind", ["sp", "byte_level"])
+def test_a_lazy_answer_permits_what_the_built_automaton_allows(kind, sp_model_path):
+    """A GroundedAnswer checks tokens before its automaton is built; along random allowed paths,
+    at every budget, that check must permit exactly the tokens the built automaton allows."""
+    from cnqlora.grounded import GroundedAnswer
+
+    tok = _get_tokenizer(kind, sp_model_path)
+    vocab = len(tok) + 3
+    g = torch.Generator().manual_seed(1)
+    lazy_checks = 0
+    for text in TEXTS[:3]:
+        for budget in (24, 60):
+            full = GroundedAnswer(tok, text, TYPES, max_new_tokens=budget)
+            full.allowed(0, vocab)  # built from the start
+            for generated in range(budget + 1):
+                allowed = set(full.allowed(generated, vocab).tolist())
+                for token in sorted(allowed)[:20] + [t for t in range(vocab) if t not in allowed][::13]:
+                    # a fresh lazy answer walked to the same point: each check starts unbuilt
+                    lazy = GroundedAnswer(tok, text, TYPES, max_new_tokens=budget)
+                    for t in path if generated else []:
+                        lazy.advance(t)
+                    unbuilt = lazy._full is None
+                    assert lazy.permits(token, generated, vocab) == (token in allowed), (text, generated, token)
+                    lazy_checks += unbuilt
+                if generated == budget or full.state == -2:
+                    break
+                choice = sorted(allowed)[int(torch.randint(len(allowed), (1,), generator=g))]
+                full.advance(choice)
+                path = [*(path if generated else []), choice]
+    assert lazy_checks > 1000  # most checks ran on the lazy path, not the fallback
