@@ -6,7 +6,8 @@
     python bench/train_speed.py --recipes seed,ours-W_pack --steps 5      # a quicker subset
     # anywhere, in seconds: tiny model, generated corpus and tokenizer, no GPU needed
     python bench/train_speed.py --tiny
-    # data-parallel scaling of the real training command on 1 and on 4 GPUs (torchrun)
+    # data-parallel scaling of the real training command on 1 and on 4 GPUs, DDP (torchrun) and
+    # DeepSpeed ZeRO-2 (accelerate launch), with a one-process run over the same global batches
     python bench/train_speed.py --nproc 4 --model_dir model_hub/baichuan-7B --json $OUT/train_scaling.json
     python bench/train_speed.py --nproc 2 --tiny          # the same on the CPU (gloo): it runs, not a speed
 
@@ -441,6 +442,15 @@ def parse_args(argv):
                         help="--nproc: training data (--tiny: a synthetic NER corpus is built)")
     parser.add_argument("--train_args", default="--config configs/msra_baichuan7b.yaml",
                         help="--nproc: further options of baichuan_qlora.py, the same for every process count")
+    parser.add_argument("--launchers", default="ddp,deepspeed",
+                        help="--nproc: comma-separated, how the N processes are started: ddp (torchrun), deepspeed "
+                             "(accelerate launch, configs/accelerate/deepspeed_zero2.yaml; needs deepspeed>=0.19.1)")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="--nproc: gradient_accumulation_steps of every process")
+    parser.add_argument("--check_losses", type=int, default=1,
+                        help="--nproc: 1 = also train one process with N times the accumulation (the N-process runs' "
+                             "global batches) and compare the per-step losses, every run without LoRA dropout "
+                             "(masks differ between ranks); 0 = skip")
     common.add_common_args(parser, time_budget=500.0)
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
@@ -451,6 +461,10 @@ def parse_args(argv):
     if unknown:
         parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     args.recipe_list = [RECIPES[n] for n in names]
+    args.launcher_list = [n.strip() for n in args.launchers.split(",") if n.strip()]
+    bad = [n for n in args.launcher_list if n not in ("ddp", "deepspeed")]
+    if bad:
+        parser.error(f"unknown launcher(s) {', '.join(bad)}; choose from ddp, deepspeed")
     return args
 
 
@@ -599,9 +613,6 @@ def print_tables(results: dict[str, dict[str, Any]], check: dict[str, Any] | Non
     print(common.markdown_table(headers, rows))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --------------------------------------------------------------------------- data-parallel scaling
 
@@ -631,10 +642,13 @@ def timed_window(metrics_file: str, warmup: int) -> dict[str, float]:
     import json
 
     with open(metrics_file, encoding="utf-8") as f:
-        steps = [h for h in map(json.loads, f) if "train_steps_per_s" in h and h["step"] > warmup]
+        logged = [h for h in map(json.loads, f) if "train_steps_per_s" in h]
+    steps = [h for h in logged if h["step"] > warmup]
     seconds = sum(1 / h["train_steps_per_s"] for h in steps)
     samples = sum(h["train_samples_per_s"] / h["train_steps_per_s"] for h in steps)
-    return {"steps": len(steps), "seconds": seconds, "samples": samples, "samples_per_s": samples / seconds}
+    peaks = [h["train_peak_gib"] for h in logged if "train_peak_gib" in h]
+    return {"steps": len(steps), "seconds": seconds, "samples": samples, "samples_per_s": samples / seconds,
+            "peak_gib": max(peaks) if peaks else None, "losses": [h["train_loss"] for h in logged]}
 
 
 def run_scaling(args) -> int:
@@ -642,7 +656,11 @@ def run_scaling(args) -> int:
 
     Weak scaling, as multi-GPU training is used: each process keeps its micro-batches and
     gradient accumulation, so N processes take N times the samples per optimizer step. The
-    timing is the training loop's own per-step log (metrics.jsonl), warm-up steps left out.
+    timing is the training loop's own per-step log (metrics.jsonl), warm-up steps left out; so
+    is the peak GPU memory (the fullest rank's). Each launcher in --launchers runs the N-process
+    training (ddp: torchrun; deepspeed: accelerate launch with configs/accelerate/
+    deepspeed_zero2.yaml). With --check_losses a one-process run with N times the accumulation
+    takes the same global batches as the N-process runs, and their per-step losses are compared.
     """
     import shlex
     import subprocess
@@ -653,28 +671,72 @@ def run_scaling(args) -> int:
         "--device", "cpu", "--batch_size", "4", "--max_seq_len", "96", "--memory_mode", "fast"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tempfile.mkdtemp(prefix="train-scaling-runs-")
+    if args.check_losses:
+        # Dropout masks differ between ranks (each its own seed), so only without dropout can the
+        # N-process losses equal the one-process ones.
+        extra += ["--lora_dropout", "0"]
+    runs = [("1", "ddp", 1, args.accum)]
+    runs += [(f"{launcher}-{args.nproc}", launcher, args.nproc, args.accum) for launcher in args.launcher_list]
+    if args.check_losses:
+        runs.append((f"1-same-batches-as-{args.nproc}", "ddp", 1, args.accum * args.nproc))
     results: dict[str, Any] = {}
-    for nproc in sorted({1, args.nproc}):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   os.path.join(repo, "baichuan_qlora.py"), *extra, "--model_name_or_path", model_dir,
-                   "--train_file", train_file, "--dev_file", "none", "--output_dir", out, "--run_name", f"n{nproc}",
+    for name, launcher, nproc, accum in runs:
+        command = [*launch_command(launcher, nproc, repo), os.path.join(repo, "baichuan_qlora.py"), *extra,
+                   "--model_name_or_path", model_dir, "--train_file", train_file, "--dev_file", "none",
+                   "--output_dir", out, "--run_name", name, "--gradient_accumulation_steps", str(accum),
                    "--max_steps", str(args.warmup + args.steps), "--logging_steps", "1", "--eval_steps", "0",
                    "--save_steps", "0", "--tensorboard", "false"]
-        log(f"{nproc} process(es): {shlex.join(command)}")
+        log(f"{name}: {shlex.join(command)}")
         done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
         if done.returncode != 0:
-            results[str(nproc)] = {"status": f"error: exit {done.returncode}: {done.stderr.strip()[-2000:]}"}
-            log(results[str(nproc)]["status"])
+            results[name] = {"status": f"error: exit {done.returncode}: {done.stderr.strip()[-2000:]}"}
+            log(results[name]["status"])
             continue
-        results[str(nproc)] = timed_window(os.path.join(out, f"n{nproc}", "metrics.jsonl"), args.warmup)
+        results[name] = {"launcher": launcher, "processes": nproc, "accumulation": accum,
+                         **timed_window(os.path.join(out, name, "metrics.jsonl"), args.warmup)}
     base = results.get("1", {}).get("samples_per_s")
-    print("\n| processes | samples/s | speed-up | efficiency |\n| --- | --- | --- | --- |")
-    for nproc, r in results.items():
-        if "samples_per_s" in r and base:
+    reference = results.get(f"1-same-batches-as-{args.nproc}", {}).get("losses")
+    print("\n| run | processes | samples/s | speed-up | efficiency | peak GiB per GPU | per-step loss vs one process, "
+          "same batches |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        if "samples_per_s" not in r:
+            print(f"| {name} | | {r.get('status', '-')} | | | | |")
+            continue
+        check = ""
+        if reference and r["processes"] > 1:
+            r["max_loss_rel_diff"] = max_rel_diff(r["losses"], reference)
+            check = f"max rel. diff {r['max_loss_rel_diff']:.1e}"
+        if base and r["accumulation"] == args.accum:
             r["speedup"] = r["samples_per_s"] / base
-            r["efficiency"] = r["speedup"] / int(nproc)
-            print(f"| {nproc} | {r['samples_per_s']:.2f} | {r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% |")
-        else:
-            print(f"| {nproc} | {r.get('status', '-')} | | |")
+            r["efficiency"] = r["speedup"] / r["processes"]
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        efficiency = f"{100 * r['efficiency']:.0f}%" if "efficiency" in r else "-"
+        print(f"| {name} | {r['processes']} | {r['samples_per_s']:.2f} | {speedup} | {efficiency} | {peak} | {check} |")
     common.write_json(args.json, {"nproc": args.nproc, "scaling": results})
     return 0 if all("samples_per_s" in r for r in results.values()) else 1
+
+
+def launch_command(launcher: str, nproc: int, repo: str) -> list[str]:
+    """The command line that starts `nproc` training processes with `launcher`."""
+    import socket
+
+    if launcher == "ddp":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(repo, "configs", "accelerate", "deepspeed_zero2.yaml"), "--num_processes", str(nproc),
+            "--main_process_port", str(port)]
+
+
+def max_rel_diff(losses: list[float], reference: list[float]) -> float:
+    """The largest relative difference of two per-step loss curves (inf when their steps differ)."""
+    if len(losses) != len(reference):
+        return float("inf")
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, reference))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

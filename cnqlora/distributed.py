@@ -15,6 +15,10 @@ exactly what one process would:
   a failure there is reported once and ends every rank with the same exit code;
 - a collective that fails because a rank died becomes a message, not a hang (`World.lost`).
 
+Launched with a DeepSpeed config, the ranks train the same steps through DeepSpeed's ZeRO engine
+instead of DDP (`zero`). The world's own collectives go through torch.distributed directly: under
+DeepSpeed on the CPU accelerate reports every rank as rank 0 of 1.
+
 Without those variables (or with WORLD_SIZE=1) the world is one process and nothing here talks.
 """
 
@@ -26,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from . import zero
 from .errors import EchoedError, UserError
 
 T = TypeVar("T")
@@ -68,6 +73,9 @@ class World:
     size: int = 1
     local_rank: int = 0
     accelerator: Any = None
+    deepspeed: bool = False
+    # the DeepSpeed engine, once `wrap` made it
+    engine: Any = field(default=None, repr=False)
     _long_group: Any = field(default=None, repr=False)
 
     @property
@@ -125,11 +133,11 @@ class World:
         """Rank 0's `value`, on every rank."""
         if not self.distributed:
             return value
-        from accelerate.utils import broadcast_object_list
+        import torch.distributed as dist
 
         holder = [value]
         with self.talking(doing):
-            broadcast_object_list(holder, from_process=0)
+            dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
     def gather(self, value: Any, doing: str = "gathering results") -> list[Any]:
@@ -148,16 +156,21 @@ class World:
         if not self.distributed:
             return list(values)
         import torch
+        import torch.distributed as dist
 
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        # NCCL reduces only tensors on the rank's GPU; gloo those in host memory.
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         with self.talking(doing):
-            total = self.accelerator.reduce(tensor, reduction="sum")
-        return total.tolist()
+            dist.all_reduce(tensor)
+        return tensor.tolist()
 
     def barrier(self, doing: str = "waiting for the other ranks") -> None:
         if self.distributed:
+            import torch.distributed as dist
+
             with self.talking(doing):
-                self.accelerator.wait_for_everyone()
+                dist.barrier()
 
     def wait_long(self, doing: str) -> None:
         """A barrier without the short collective timeout (ranks that each train a whole run).
@@ -200,22 +213,85 @@ class World:
             raise EchoedError(payload, code)
         return fn() if others else payload
 
-    def no_sync(self, module, sync: bool):
-        """Accumulate without the gradient all-reduce unless `sync` (the step's last micro-batch)."""
-        if not self.distributed or sync:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(module)
+    # ------------------------------------------------------------------ one optimizer step
 
-    def wrap(self, module):
-        """`module` for data-parallel training: DDP through accelerate, gradients of trainable
-        parameters only (the 4-bit base is frozen and identical on every rank: not broadcast)."""
+    def wrap(self, module, optimizer, max_grad_norm: float, micro_batch: int):
+        """`module` for data-parallel training: DDP through accelerate (gradients of trainable
+        parameters only: the 4-bit base is frozen and identical on every rank, not broadcast), or
+        DeepSpeed's engine, which then also owns `optimizer`'s update (`update`)."""
         if not self.distributed:
             return module
+        if self.deepspeed:
+            params = [p for p in module.parameters() if p.requires_grad]
+            zero.configure(self.accelerator.state.deepspeed_plugin.deepspeed_config, micro_batch, self.size,
+                           max_grad_norm, sum(p.numel() for p in params))
+            self.engine, _ = self.accelerator.prepare(module, optimizer)
+            return self.engine
         frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
         frozen += [name for name, _ in module.named_buffers()]
         module._ddp_params_and_buffers_to_ignore = frozen
         # The model is already on this rank's device (loaded there in 4-bit: it cannot be moved).
         return self.accelerator.prepare_model(module, device_placement=False)
+
+    def accumulating(self):
+        """Around all of one step's micro-batches: under DeepSpeed the gradients are reduced once,
+        when the block ends (ranks may run different numbers of micro-batches)."""
+        return self.engine.coalesce_grad_reduction() if self.engine is not None else contextlib.nullcontext()
+
+    def no_sync(self, module, sync: bool):
+        """DDP: accumulate without the gradient all-reduce unless `sync` (the step's last micro-batch)."""
+        if not self.distributed or sync or self.engine is not None:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(module)
+
+    def backward(self, loss) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def update(self, params: list, optimizer, max_norm: float, allows: Callable[[float], bool]) -> float:
+        """Clip the step's gradient to `max_norm`, apply it if `allows(its norm)`, and return the norm.
+
+        Under DeepSpeed the engine clips, skips an update whose gradient is not finite and zeroes
+        the gradients itself; `allows` then only keeps count (it says no exactly when the engine
+        skipped: a norm that is not finite).
+        """
+        import math
+
+        import torch
+
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            norm = float("inf") if norm is None else float(norm)
+            allows(norm)
+            return norm
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        if allows(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def optimizer_state(self, optimizer, params: list) -> dict[str, Any] | None:
+        """The optimizer's whole state (a collective under DeepSpeed; None on ranks that do not write)."""
+        if self.engine is not None:
+            state = zero.full_optimizer_state(self.engine, params)
+            return state if self.main else None
+        return optimizer.state_dict() if self.main else None
+
+    def load_optimizer_state(self, optimizer, saved: dict[str, Any], params: list) -> None:
+        if self.engine is not None:
+            zero.load_optimizer_state(self.engine, saved, params)
+        else:
+            optimizer.load_state_dict(saved)
+
+    def check_options(self, max_grad_norm: float) -> None:
+        """Refuse a DeepSpeed config the loop cannot honour, before any model is loaded."""
+        if self.deepspeed:
+            plugin = self.accelerator.state.deepspeed_plugin
+            source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the accelerate config's deepspeed_config"
+            zero.check_config(plugin.deepspeed_config, max_grad_norm, source)
 
 
 _WORLD: World | None = None
@@ -234,14 +310,28 @@ def current_world(timeout_s: int = DEFAULT_TIMEOUT_S) -> World:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    on_gpu = torch.cuda.is_available()
+    import torch.distributed as dist
+
+    deepspeed = zero.requested()
+    # DeepSpeed runs on the CPU through its own CPU accelerator, which accelerate's cpu mode would bypass.
+    on_cpu = not torch.cuda.is_available() and not deepspeed
     # Every LoRA weight gets a gradient in every step (with or without activation checkpointing),
     # so DDP need not search the graph for unused parameters.
-    accelerator = Accelerator(cpu=not on_gpu, kwargs_handlers=[
+    accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=[
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s)),
         DistributedDataParallelKwargs(find_unused_parameters=False)])
-    _WORLD = World(rank=accelerator.process_index, size=accelerator.num_processes,
-                   local_rank=accelerator.local_process_index, accelerator=accelerator)
+    if deepspeed:
+        import logging
+
+        import warnings
+
+        # DeepSpeed logs its whole configuration and every step's bookkeeping at INFO, and its
+        # all-gather warns of a deprecated torch name in every step.
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", accelerator.local_process_index)),
+                   accelerator=accelerator, deepspeed=deepspeed)
     if not _WORLD.main:
         # Rank 0 shows the run; N copies of the weight-loading bars would only bury its lines.
         from transformers.utils import logging as hf_logging
@@ -252,19 +342,9 @@ def current_world(timeout_s: int = DEFAULT_TIMEOUT_S) -> World:
 
 def check_launch_plugins() -> None:
     """Refuse launcher modes the loop does not run, before any model is loaded."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
-        raise UserError(deepspeed_unavailable())
+    if zero.requested():
+        zero.check_installed()
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
         raise UserError("accelerate FSDP is not supported by this training loop: the LoRA weights are small, so "
-                        "plain data parallelism (configs/accelerate/ddp.yaml) is what QLoRA needs.")
-
-
-def deepspeed_unavailable() -> str:
-    # DeepSpeed's engine owns the backward pass, the accumulation boundary and the optimizer step,
-    # which this loop does itself (exact token-mean loss over ranks, skipped non-finite updates,
-    # exact resume); with QLoRA the trainable LoRA weights and their Adam state are a few MB per
-    # GPU, so what ZeRO-2 partitions is next to nothing.
-    return ("accelerate was launched with DeepSpeed (distributed_type: DEEPSPEED), which this training loop does "
-            "not run yet: for QLoRA, ZeRO-2 would partition only the LoRA weights' gradients and optimizer state, "
-            "a few MB per GPU. Launch with plain data parallelism instead: accelerate launch --config_file "
-            "configs/accelerate/ddp.yaml baichuan_qlora.py ... (or torchrun --nproc_per_node N baichuan_qlora.py ...).")
+                        "plain data parallelism (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
+                        "(configs/accelerate/deepspeed_zero2.yaml) is what QLoRA needs.")

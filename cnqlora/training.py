@@ -264,10 +264,14 @@ def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, histor
 
     dest = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
     rngs = world.gather(_rng_state(), "gathering every rank's RNG state for the checkpoint")
+    # Under DeepSpeed each rank holds a part of Adam's moments: they are put together (on every
+    # rank) into the plain AdamW layout, which any launcher and number of processes can resume.
+    with world.talking("gathering the optimizer state for the checkpoint"):
+        optimizer_state = world.optimizer_state(optimizer, [p for p in model.parameters() if p.requires_grad])
     if world.main:
         with atomic_dir(dest) as tmp:
             model.save_pretrained(tmp)
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "rng": rngs[0], "history": history}
             if world.distributed:
                 state.update(rng_ranks=rngs, world_size=world.size, micro_batches_per_step=per_step)
@@ -280,19 +284,20 @@ def save_checkpoint(run_dir: str, model, optimizer, scheduler, step: int, histor
     return dest
 
 
-def load_checkpoint(checkpoint: tuple[str, dict[str, Any], dict[str, Any]], model, optimizer,
-                    scheduler, rank: int = 0) -> tuple[int, list[dict]]:
-    """Put a checkpoint read by `runs.find_resume_point` into the model, optimizer and RNGs.
+def load_checkpoint(checkpoint: tuple[str, dict[str, Any], dict[str, Any]], model, scheduler,
+                    rank: int = 0) -> tuple[int, list[dict]]:
+    """Put a checkpoint read by `runs.find_resume_point` into the model, scheduler and RNGs.
 
-    A rank that the checkpoint has no RNG state for (a resume on more processes) gets a fresh
-    one from the step and its rank, so its dropout differs from the other ranks'.
+    The optimizer's state goes in once the model is wrapped for its launcher
+    (`World.load_optimizer_state`: DeepSpeed partitions it then). A rank that the checkpoint has
+    no RNG state for (a resume on more processes) gets a fresh one from the step and its rank, so
+    its dropout differs from the other ranks'.
     """
     import torch
     from peft import set_peft_model_state_dict
 
     _, weights, state = checkpoint
     set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     saved = state.get("rng_ranks") or [state["rng"]]
     if rank < len(saved):
@@ -574,26 +579,27 @@ def _forward_backward(model, batches: list[dict[str, Any]], device: str, plan, w
 
     The loss is summed over every labelled token of the step and divided once by their count
     (over all ranks), so a step's gradient does not depend on how its samples were split into
-    micro-batches or dealt to ranks. With several ranks `model` is the DDP-wrapped `_loss_module`:
-    DDP averages the ranks' gradients, so each rank's loss is scaled by their number to make
+    micro-batches or dealt to ranks. With several ranks `model` is the DDP-wrapped (or DeepSpeed's)
+    `_loss_module`: both average the ranks' gradients, so each rank's loss is scaled by their number to make
     that average the gradient of the whole step's sum. `weight` 0: a rank with no micro-batch
     in this step joins the all-reduce with a zero gradient.
     """
     step_loss, samples = 0.0, 0
     last = len(batches) - 1
-    for m, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with world.no_sync(model, sync=m == last):
-            with step_context(plan, device):
-                loss = (model(batch) if world.distributed else loss_sum(model, batch)) / n_tokens
-            if world.distributed:
-                loss = loss * (world.size * weight)
-            loss.backward()
-        micro_loss = loss.item() / world.size if world.distributed else loss.item()
-        step_loss += micro_loss
-        samples += batch["input_ids"].shape[0] if weight else 0
-        if not math.isfinite(micro_loss):
-            write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices(m)})", file=sys.stderr)
+    with world.accumulating():
+        for m, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with world.no_sync(model, sync=m == last):
+                with step_context(plan, device):
+                    loss = (model(batch) if world.distributed else loss_sum(model, batch)) / n_tokens
+                if world.distributed:
+                    loss = loss * (world.size * weight)
+                world.backward(loss)
+            micro_loss = loss.item() / world.size if world.distributed else loss.item()
+            step_loss += micro_loss
+            samples += batch["input_ids"].shape[0] if weight else 0
+            if not math.isfinite(micro_loss):
+                write(f"step {step + 1}: non-finite loss in micro-batch {m} (samples {indices(m)})", file=sys.stderr)
     return step_loss, samples
 
 
@@ -611,6 +617,7 @@ def train(model_args: ModelArgs, prompt_args: PromptArgs, data_args: DataArgs, l
     world = world or current_world(train_args.ddp_timeout)
     if train_args.average_seeds:
         return train_average(model_args, prompt_args, data_args, lora_args, train_args, log, callbacks, world)
+    world.check_options(train_args.max_grad_norm)
     if not world.main:
         log = _quiet
     run_dir = os.path.join(train_args.output_dir, train_args.run_name)
@@ -738,9 +745,14 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
 
     step, history = 0, []
     if resume:
-        step, history = load_checkpoint(resume, model, optimizer, scheduler, world.rank)
+        # The weights go in before the model is wrapped: DeepSpeed copies them into its fp32 master
+        # weights then.
+        step, history = load_checkpoint(resume, model, scheduler, world.rank)
+    trainer = world.wrap(_loss_module(model), optimizer, train_args.max_grad_norm,
+                         train_args.batch_size) if world.distributed else model
+    if resume:
+        world.load_optimizer_state(optimizer, resume[2]["optimizer"], params)
         log(f"resumed from {resume[0]} at step {step}")
-    trainer = world.wrap(_loss_module(model)) if world.distributed else model
     answer_tokens = [sum(1 for t in x["labels"][1:] if t != IGNORE_INDEX) for x in samples]
     resolved = dump_yaml(model_args, prompt_args, data_args, lora_args, train_args)
     if world.main:
@@ -760,7 +772,6 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
                disable=not world.main)
     say = bar.write if world.main else _quiet
     guard, window = _SkipGuard(), _LogWindow()
-    max_norm = train_args.max_grad_norm if train_args.max_grad_norm > 0 else float("inf")
     doing = "starting"
     try:
         if dev_samples and train_args.eval_steps and step == 0:
@@ -781,15 +792,14 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
             if world.distributed:
                 step_loss, n_samples = world.sum([step_loss, n_samples], doing)
                 n_samples = int(n_samples)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if guard.allows(grad_norm, step, say):
-                optimizer.step()
+            with world.talking(doing):
+                grad_norm = world.update(params, optimizer, train_args.max_grad_norm,
+                                         lambda norm: guard.allows(norm, step, say))
             with warnings.catch_warnings():
                 # After a skipped update PyTorch warns that the scheduler stepped without the optimizer;
                 # that is intended: the schedule follows the step count, as on resume.
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             window.add(step_loss, n_samples)
             bar.update(1)
@@ -800,6 +810,10 @@ def _train_in(run_dir: str, resume, stop: "_StopOnSignal", train_records: list[d
                     values["train_grad_norm"] = grad_norm
                 if guard.skipped:
                     values["train_skipped_steps"] = guard.skipped
+                if device.startswith("cuda"):
+                    # the fullest GPU's, since a run fits only if every rank's does
+                    peaks = world.gather(torch.cuda.max_memory_allocated() / 2**30, "gathering the peak GPU memory")
+                    values["train_peak_gib"] = max(peaks)
                 metrics.log(step, **values)
                 window.reset()
             if dev_samples and train_args.eval_steps and (step % train_args.eval_steps == 0 or step == total_steps):

@@ -351,16 +351,24 @@ def test_the_serve_bench_percentiles_interpolate():
 
 def test_train_speed_nproc_times_the_real_training_on_1_and_n_processes(train_speed, tmp_path, capsys):
     report = tmp_path / "scaling.json"
-    rc = train_speed.main(["--tiny", "--nproc", "2", "--workdir", str(tmp_path / "work"), "--json", str(report)])
+    launchers = "ddp,deepspeed" if importlib.util.find_spec("deepspeed") else "ddp"
+    rc = train_speed.main(["--tiny", "--nproc", "2", "--launchers", launchers, "--workdir", str(tmp_path / "work"),
+                           "--json", str(report)])
     out = capsys.readouterr().out
     assert rc == 0, out
     scaling = json.loads(report.read_text())["scaling"]
-    assert set(scaling) == {"1", "2"}
-    for nproc, r in scaling.items():
+    assert set(scaling) == {"1", "1-same-batches-as-2", *(f"{n}-2" for n in launchers.split(","))}
+    for name, r in scaling.items():
         assert r["steps"] == 2 and r["samples_per_s"] > 0  # the warm-up step left out
-        # weak scaling: two processes take twice the samples per step (batch_size 4 each)
-        assert r["samples"] == 2 * 4 * int(nproc)
-    assert scaling["1"]["speedup"] == 1.0
+        # weak scaling: two processes take twice the samples per step (batch_size 4 each), as
+        # does the one process with twice the accumulation
+        assert r["samples"] == 2 * 4 * (1 if name == "1" else 2)
+        assert r["peak_gib"] is None  # no GPU here
+    assert scaling["1"]["speedup"] == 1.0 and "speedup" not in scaling["1-same-batches-as-2"]
     rows = table_rows(out)
-    assert rows["2"][2].endswith("x") and rows["1"][2] == "1.00x"
+    for name in launchers.split(","):
+        assert rows[f"{name}-2"][3].endswith("x") and rows["1"][3] == "1.00x"
+        # the same global batches: the same per-step losses
+        assert scaling[f"{name}-2"]["max_loss_rel_diff"] < 1e-6
+        assert rows[f"{name}-2"][6].startswith("max rel. diff")
 

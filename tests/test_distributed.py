@@ -285,11 +285,14 @@ def test_another_ranks_error_is_not_printed_again(capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("variable,message", [("ACCELERATE_USE_FSDP", "FSDP is not supported"),
-                                              ("ACCELERATE_USE_DEEPSPEED", "configs/accelerate/ddp.yaml")])
-def test_an_unsupported_accelerate_mode_is_refused_before_any_model(monkeypatch, variable, message):
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(UserError, match=message):
+def test_an_unsupported_accelerate_mode_is_refused_before_any_model(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="FSDP is not supported"):
+        check_launch_plugins()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed
+    with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
         check_launch_plugins()
 
 
