@@ -59,6 +59,7 @@ Limitations:
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 import weakref
@@ -156,11 +157,20 @@ def _decoder_steps(node) -> list[dict]:
 
 
 def _tokenizer_json(tokenizer) -> dict | None:
+    """The parts of a `tokenizers` tokenizer's JSON that say how tokens become bytes: its decoder
+    and its model's byte_fallback (serialising the whole tokenizer, merges included, and parsing
+    it back takes ~0.4 s for a 150k vocabulary; the decoder alone, microseconds)."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
         tokenizer, "_tokenizer", None
     )
     if backend is None or not hasattr(backend, "to_str"):
         return None
+    try:
+        decoder = backend.decoder
+        return {"decoder": None if decoder is None else json.loads(decoder.__getstate__()),
+                "model": {"byte_fallback": bool(getattr(backend.model, "byte_fallback", False))}}
+    except (AttributeError, ValueError, TypeError):
+        pass
     try:
         return json.loads(backend.to_str())
     except (ValueError, TypeError):
@@ -226,11 +236,14 @@ def _tokenizers_table(tokenizer, kind: str, spec: dict | None) -> list[bytes | N
         _table_size(tokenizer), max(vocab.values(), default=-1) + 1
     )
     if kind == "byte_level":
-        alphabet = _byte_level_alphabet()
+        # Each alphabet character to the Latin-1 character of its byte, anything else below 512
+        # to one that Latin-1 cannot encode (above 511 nothing is in the alphabet either).
+        to_latin1 = {c: 0x1FF for c in range(512)}
+        to_latin1.update((ord(ch), byte) for ch, byte in _byte_level_alphabet().items())
         for token, tid in vocab.items():
             try:
-                table[tid] = bytes(alphabet[ch] for ch in token)
-            except KeyError:
+                table[tid] = token.translate(to_latin1).encode("latin-1")
+            except UnicodeEncodeError:
                 table[tid] = None  # not written in the byte-level alphabet: unknown decoding
         return table
     # SentencePiece converted to `tokenizers`: the decoder replaces the metaspace by a space and
@@ -361,13 +374,35 @@ class TokenTrie:
     """Byte trie of all generable tokens of one tokenizer.
 
     Nodes are ints (root 0); one flat dict maps ``node << 8 | byte`` to the child, which keeps a
-    150k-token vocabulary at a few tens of MB instead of one dict per node.
+    150k-token vocabulary at a few tens of MB instead of one dict per node. The nodes are built
+    when first needed (listing allowed tokens): checking the tokens a model chose needs only the
+    byte table, and building them is most of a large vocabulary's setup (~1 s for Qwen's).
     """
 
     def __init__(self, table: Sequence[bytes | None]):
         self.table = list(table)
-        self.kids: dict[int, int] = {}
-        self.ends: dict[int, list[int]] = {}
+        self._kids: dict[int, int] | None = None
+        self._ends: dict[int, list[int]] = {}
+        self.num_nodes = 0
+        # Unit tokens give the worst-case completion paths used by the budget.
+        self.units = frozenset(data for data in self.table if data and _is_unit(data))
+        self.missing_bytes = frozenset(b for b in range(256) if bytes((b,)) not in self.units)
+
+    @property
+    def kids(self) -> dict[int, int]:
+        if self._kids is None:
+            self._build()
+        return self._kids
+
+    @property
+    def ends(self) -> dict[int, list[int]]:
+        if self._kids is None:
+            self._build()
+        return self._ends
+
+    def _build(self) -> None:
+        kids: dict[int, int] = {}
+        ends: dict[int, list[int]] = {}
         nodes = 1
         for tid, data in enumerate(self.table):
             if not data:
@@ -375,17 +410,14 @@ class TokenTrie:
             node = 0
             for byte in data:
                 key = node << 8 | byte
-                child = self.kids.get(key)
+                child = kids.get(key)
                 if child is None:
                     child = nodes
                     nodes += 1
-                    self.kids[key] = child
+                    kids[key] = child
                 node = child
-            self.ends.setdefault(node, []).append(tid)
-        self.num_nodes = nodes
-        # Unit tokens give the worst-case completion paths used by the budget.
-        self.units = frozenset(data for data in self.table if data and _is_unit(data))
-        self.missing_bytes = frozenset(b for b in range(256) if bytes((b,)) not in self.units)
+            ends.setdefault(node, []).append(tid)
+        self._kids, self._ends, self.num_nodes = kids, ends, nodes
 
 
 _TRIE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -472,6 +504,14 @@ def _breaks_line(ch: str) -> bool:
 
 
 def _check_types(types: Iterable[str]) -> list[str]:
+    types = tuple(types) if not isinstance(types, tuple) else types
+    try:
+        return list(_type_trie(types)[0])
+    except TypeError:  # unhashable entries: checked (and refused) below
+        return list(_checked_types(types))
+
+
+def _checked_types(types: Iterable[str]) -> tuple[str, ...]:
     out: dict[str, None] = {}
     for etype in types:
         if not isinstance(etype, str) or not etype or etype != etype.strip():
@@ -483,7 +523,34 @@ def _check_types(types: Iterable[str]) -> list[str]:
         out.setdefault(etype, None)
     if not out:
         raise ValueError("grounded decoding needs at least one entity type")
-    return list(out)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _type_trie(types: tuple[str, ...]) -> tuple[tuple[str, ...], list[dict[int, int]], list[bool], list[int]]:
+    """The checked types and their byte trie: children, ends, and per node the fewest bytes to a
+    complete type. Shared (read-only) by the grammars of every text with these types."""
+    checked = _checked_types(types)
+    kids: list[dict[int, int]] = [{}]
+    end: list[bool] = [False]
+    for etype in checked:
+        node = 0
+        for byte in etype.encode("utf-8"):
+            child = kids[node].get(byte)
+            if child is None:
+                child = len(kids)
+                kids.append({})
+                end.append(False)
+                kids[node][byte] = child
+            node = child
+        end[node] = True
+    # The trie's nodes are numbered parents first, so children are final before their parent is
+    # reached backwards.
+    need = [0 if e else _INF for e in end]
+    for node in range(len(kids) - 1, -1, -1):
+        for child in kids[node].values():
+            need[node] = min(need[node], need[child] + 1)
+    return checked, kids, end, need
 
 
 _LINE, _TYPE, _AFTER_NL = 0, 1, 2
@@ -510,26 +577,7 @@ class NerGrammar:
         self.types = _check_types(types)
         self.sam: SuffixAutomaton | None = None  # with the facts below, made by _index_text
         self._nothing = NOTHING.encode("utf-8")
-        # Type trie.
-        self._type_kids: list[dict[int, int]] = [{}]
-        self._type_end: list[bool] = [False]
-        for etype in self.types:
-            node = 0
-            for byte in etype.encode("utf-8"):
-                child = self._type_kids[node].get(byte)
-                if child is None:
-                    child = len(self._type_kids)
-                    self._type_kids.append({})
-                    self._type_end.append(False)
-                    self._type_kids[node][byte] = child
-                node = child
-            self._type_end[node] = True
-        # Per type-trie node, the fewest bytes to a complete type (the trie's nodes are numbered
-        # parents first, so children are final before their parent is reached backwards).
-        self._type_need = [0 if end else _INF for end in self._type_end]
-        for node in range(len(self._type_kids) - 1, -1, -1):
-            for child in self._type_kids[node].values():
-                self._type_need[node] = min(self._type_need[node], self._type_need[child] + 1)
+        _, self._type_kids, self._type_end, self._type_need = _type_trie(tuple(self.types))
         if build:
             self._build()
 
@@ -680,10 +728,10 @@ class NerGrammar:
             return None if need >= _INF else need
         _, v, pending, k = key
         best = len(self._nothing) - k if 0 <= k <= len(self._nothing) else None
-        if v > 0:
-            self._index_text()
+        pos = self._end_of(v)
+        if pos >= 0:
             shortest_type = self._type_need[0]
-            pos, walked = self.sam.endpos[v], 0
+            walked = 0
             # The entity so far occurs ending at `pos`, so the text's next bytes extend it.
             while walked <= 12:
                 if self._can_end(key[1], key[2]):
@@ -694,10 +742,21 @@ class NerGrammar:
                 if pos >= len(self.data):
                     break
                 key = self._step_key(key, self.data[pos])
-                if key is None or key[0] != _LINE or key[1] < 0:
+                if key is None or key[0] != _LINE or self._dead(key[1]):
                     break
                 walked += 1
         return best
+
+    def _end_of(self, v) -> int:
+        """Where one occurrence of the entity so far ends in the text; -1 when it is empty or dead."""
+        if v <= 0:
+            return -1
+        self._index_text()
+        return self.sam.endpos[v]
+
+    @staticmethod
+    def _dead(v) -> bool:
+        return v < 0
 
     def step(self, state: int, byte: int) -> int:
         if state < 0:
@@ -760,6 +819,109 @@ class NerGrammar:
                     dist[s] = dist[t] + 1
                     queue.append(s)
         return dist
+
+
+class _SpanGrammar(NerGrammar):
+    """NerGrammar's key-level steps without the suffix automaton, for lazy answers.
+
+    The entity so far is the span (start, end) of its first occurrence in the text ((0, 0) while
+    empty, None once dead), extended by the text's next byte when that is the byte read, else by
+    searching the text for the longer string (bytes.find, in C). A greedy answer walks one path,
+    so this costs a few comparisons per byte instead of building the text's automaton (~0.1 ms
+    per MSRA sentence in Python). Characters are checked where an occurrence ends; any
+    occurrence will do, as UTF-8 is self-synchronising and the entity starts on a character.
+    `built_key` turns a key into the automaton's, for when the answer has to be built after all.
+    """
+
+    START_KEY = (_LINE, (0, 0), 1, 0)
+    _EMPTY = (0, 0)
+
+    def __init__(self, text: str, types: Iterable[str]):
+        super().__init__(text, types, build=False)
+        self._facts: dict[int, tuple[bool, bool, bool]] = {}
+
+    def _index_text(self) -> None:
+        pass  # nothing to index: occurrences are searched and characters read where needed
+
+    def _build(self) -> None:
+        raise TypeError("a _SpanGrammar only steps keys; NerGrammar builds the automaton")
+
+    def _char(self, pos: int) -> tuple[bool, bool, bool]:
+        """(a character ends at pos, it is whitespace, it may not be inside an entity)."""
+        facts = self._facts.get(pos)
+        if facts is None:
+            data = self.data
+            if pos + 1 < len(data) and 0x80 <= data[pos + 1] < 0xC0:
+                facts = (False, False, False)
+            else:
+                start = pos
+                while start > 0 and 0x80 <= data[start] < 0xC0:
+                    start -= 1
+                ch = data[start:pos + 1].decode("utf-8")
+                facts = (True, ch.isspace(), ch == SEPARATOR or _breaks_line(ch))
+            self._facts[pos] = facts
+        return facts
+
+    def _can_end(self, v, pending: int) -> bool:
+        if v is None or v[1] == v[0] or pending:
+            return False
+        ends, space, _ = self._char(v[1] - 1)
+        return ends and not space
+
+    def _end_of(self, v) -> int:
+        return -1 if v is None or v[1] == v[0] else v[1] - 1
+
+    @staticmethod
+    def _dead(v) -> bool:
+        return v is None
+
+    def _step_key(self, key: tuple, byte: int) -> tuple | None:
+        if key[0] == _AFTER_NL:
+            key = (_LINE, self._EMPTY, 1, -1)
+        if key[0] == _TYPE:
+            return NerGrammar._step_key(self, key, byte)
+        _, v, pending, k = key
+        if byte == _US:
+            return (_TYPE, 0) if self._can_end(v, pending) else None
+        nv, npending = None, 0
+        if v is not None and byte != _NL:
+            start, end = v
+            data = self.data
+            w = None
+            if end > start:
+                if end < len(data) and data[end] == byte:
+                    w = (start, end + 1)
+                else:
+                    at = data.find(data[start:end] + bytes((byte,)), start + 1)
+                    w = (at, at + end - start + 1) if at >= 0 else None
+            elif _utf8_length(byte):  # an entity starts on a character
+                at = data.find(bytes((byte,)))
+                w = (at, at + 1) if at >= 0 else None
+            if w is not None:
+                ends, space, bad = self._char(w[1] - 1)
+                if ends:
+                    # A character was completed: check it, and the first one is not a space.
+                    if not bad and not (pending and space):
+                        nv, npending = w, 0
+                else:
+                    nv, npending = w, pending
+        nk = k + 1 if 0 <= k < len(self._nothing) and self._nothing[k] == byte else -1
+        if nv is None and nk < 0:
+            return None
+        return (_LINE, nv, npending, nk)
+
+    def built_key(self, key: tuple, built: NerGrammar) -> tuple:
+        """The same key in `built`'s terms (its suffix automaton's state for the entity so far)."""
+        if key[0] != _LINE:
+            return key
+        _, v, pending, k = key
+        if v is None:
+            state = -1
+        else:
+            state = 0
+            for byte in self.data[v[0]:v[1]]:
+                state = built.sam.next[state][byte]
+        return (_LINE, state, pending, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1032,8 +1194,8 @@ class GroundedAnswer:
         self._source, self._types = text, context.types
         self._full: _GroundedText | None = None
         self._state = 0  # the built automaton's state, once built
-        self._grammar = NerGrammar(text, context.types, build=False)
-        self._key: tuple | None = NerGrammar.START_KEY  # None: the answer has ended (EOS)
+        self._grammar = _SpanGrammar(text, context.types)
+        self._key: tuple | None = _SpanGrammar.START_KEY  # None: the answer has ended (EOS)
         self._checked: tuple[int, tuple] | None = None  # (token, key after it) of the last permits
         need = self._grammar.path_bytes(self._key)
         if self.trie.missing_bytes or need is None or need + 1 > max_new_tokens:
@@ -1046,7 +1208,8 @@ class GroundedAnswer:
         if self._full is None:
             self._full = _GroundedText(self._source, self._types, self.trie, self.eos_set)
             # the key reached so far is live (only permitted tokens led to it), so it has an id
-            self._state = _DONE if self._key is None else self._full.grammar.ids[self._key]
+            built = self._full.grammar
+            self._state = _DONE if self._key is None else built.ids[self._grammar.built_key(self._key, built)]
         return self._full
 
     @property

@@ -715,3 +715,37 @@ def test_a_lazy_answer_permits_what_the_built_automaton_allows(kind, sp_model_pa
                 full.advance(choice)
                 path = [*(path if generated else []), choice]
     assert lazy_checks > 1000  # most checks ran on the lazy path, not the fallback
+
+
+@pytest.mark.parametrize("kind", ["sp", "byte_level"])
+def test_a_lazy_answer_follows_an_entity_to_a_later_occurrence(kind, sp_model_path):
+    """The lazy answer keeps one occurrence of the entity so far; when the next byte does not
+    continue it, the entity must move to a later occurrence (上海人 only exists at the second
+    上海), and the automaton built afterwards must start from the same state."""
+    from cnqlora.grounded import GroundedAnswer
+
+    tok = _get_tokenizer(kind, sp_model_path)
+    vocab = len(tok)
+    text = "上海大学和上海人民公园，上海"
+    answer = "上海人民公园_地名\n上海大学_机构名\n上海_地名"
+    tokens = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+    full = GroundedAnswer(tok, text, TYPES, max_new_tokens=64)
+    full.allowed(0, vocab)
+    lazy = GroundedAnswer(tok, text, TYPES, max_new_tokens=64)
+    for k, token in enumerate(tokens):
+        allowed = set(full.allowed(k, vocab).tolist())
+        assert token in allowed and lazy.permits(token, k, vocab), (k, token)
+        # the refused tokens too: the next character of the wrong occurrence is not an entity
+        for other in [t for t in range(vocab) if t not in allowed][::29]:
+            assert not lazy.permits(other, k, vocab), (k, other)
+        full.advance(token)
+        lazy.advance(token)
+        midway = GroundedAnswer(tok, text, TYPES, max_new_tokens=64)
+        for t in tokens[:k + 1]:
+            midway.advance(t)
+        assert midway._full is None and midway.state == full.state, k  # built from the lazy key
+    assert lazy._full is None  # the whole answer was checked without the automaton
+    for bad in ("上海人大_地名", "公园上海_地名", "海学_地名"):  # not in the text
+        lazy = GroundedAnswer(tok, text, TYPES, max_new_tokens=64)
+        ids = tok.encode(bad, add_special_tokens=False)
+        assert not all(lazy.permits(t, k, vocab) and lazy.advance(t) is None for k, t in enumerate(ids)), bad
