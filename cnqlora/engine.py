@@ -244,6 +244,9 @@ class Engine:
         self.pad_id = int(pad_id)
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
+        # A refused greedy token is replaced by the best of this many top tokens that the
+        # constraint permits; only when none is does the row get the full mask of allowed tokens.
+        self.rewind_candidates = 32
         self.kv_memory_fraction = kv_memory_fraction
         self.kv_max_gib = kv_max_gib
         self.sampling = sampling or Sampling()
@@ -518,9 +521,14 @@ class Engine:
         import torch
 
         constrained = [(row, s) for row, s in enumerate(rows) if s is not None and self._masked(s)]
+        picked: dict[int, int] = {}
         if constrained:
             logits = logits.float()
             vocab = logits.shape[-1]
+            picked = self._pick_permitted(logits, constrained, vocab)
+            constrained = [(row, s) for row, s in constrained if row not in picked]
+        if constrained:
+            self._stats["masked_rows"] = self._stats.get("masked_rows", 0) + len(constrained)
             r, c = [], []
             for row, s in constrained:
                 allowed = s.request.constraint.allowed(len(s.tokens), vocab)
@@ -535,6 +543,8 @@ class Engine:
             masked[lookup[r], c] = logits[r, c]
             logits[keep] = masked
         chosen = logits.argmax(dim=-1)
+        if picked:
+            chosen[self._to_device(list(picked))] = self._to_device(list(picked.values()))
         sampled: dict[tuple, list[int]] = {}
         for row, s in enumerate(rows):
             if s is None:
@@ -550,6 +560,32 @@ class Engine:
             index = self._to_device(group)
             chosen[index] = _sample(logits[index].float(), Sampling(True, temperature, top_k, top_p))
         return chosen
+
+    def _pick_permitted(self, logits, constrained: list[tuple[int, _Slot]], vocab: int) -> dict[int, int]:
+        """For greedy rows whose constraint checks single tokens: the masked argmax found among
+        the row's top tokens, without listing every allowed token (for a grounded answer that
+        would build the text's automaton and the vocabulary's token trie: most of a second for
+        Qwen's 150k tokens, on the first refusal of a run). Rows where the top tokens cannot
+        decide (none permitted, or a tie running past them) are left out: they get the mask."""
+        rows = [(row, s) for row, s in constrained
+                if hasattr(s.request.constraint, "permits") and not (s.request.sampling or self.sampling).do_sample]
+        if not rows or self.rewind_candidates <= 0:
+            return {}
+        k = min(self.rewind_candidates, vocab)
+        values, ids = logits[self._to_device([row for row, _ in rows])].topk(k, dim=-1)
+        picked: dict[int, int] = {}
+        for (row, s), row_values, row_ids in zip(rows, values.tolist(), ids.tolist()):
+            permits, generated = s.request.constraint.permits, len(s.tokens)
+            best: tuple[float, int] | None = None
+            for value, token in zip(row_values, row_ids):
+                if best is not None and value < best[0]:
+                    break
+                # argmax takes the lowest id among equal maxima; topk's order among ties is not fixed
+                if (best is None or token < best[1]) and permits(token, generated, vocab):
+                    best = (value, token)
+            if best is not None and not (row_values[-1] == best[0] and k < vocab):
+                picked[row] = best[1]
+        return picked
 
     def _masked(self, s: _Slot) -> bool:
         """Whether the row's next token is chosen among its constraint's allowed ones.
@@ -655,7 +691,7 @@ class Engine:
         stats = self._stats = {"slots": n_slots, "max_len": max_len, "prefill_calls": 0, "decode_steps": 0,
                                "shared_prefix": len(prefix),
                                "kv_gib": n_total * self._slot_bytes(max_len) / 2**30, "prefill_graph_calls": 0, "cuda_graphs": self.cuda_graphs,
-                               "graph_captures": 0, "capture_s": 0.0, "rewinds": 0, "wait_s": 0.0, "prefill_gpu_s": 0.0,
+                               "graph_captures": 0, "capture_s": 0.0, "rewinds": 0, "masked_rows": 0, "wait_s": 0.0, "prefill_gpu_s": 0.0,
                                "decode_gpu_s": 0.0, "wall_s": 0.0}
         self.last_stats = stats
         self._graphs: dict[Any, Any] = {}

@@ -106,7 +106,11 @@ def test_qlora_model_with_adapter_equals_generate(tiny_ner_model_dir, tmp_path):
     assert engine.generate([Request(p, 16) for p in prompts]) == expected
 
 
-def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir):
+@pytest.mark.parametrize("candidates", [400, 1, 0])
+def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir, candidates):
+    """A refused token is replaced from the row's top tokens (400 of the tiny vocabulary's 1,200:
+    a random model's allowed tokens are rarely among fewer), mostly from the full mask of allowed
+    tokens (1: only the argmax, which was refused), or always from the mask (0)."""
     from cnqlora.grounded import GroundedAnswer, GroundedNerLogitsProcessor
     from cnqlora.models import ModelArgs, load_model, load_tokenizer
 
@@ -122,10 +126,16 @@ def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir):
     shared: dict = {}
     requests = [Request(p, 24, GroundedAnswer(tokenizer, t, types, 24, shared=shared)) for p, t in zip(prompts, texts)]
     engine = Engine(model, [eos], pad_id=tokenizer.pad_token_id, max_batch=2)
+    engine.rewind_candidates = candidates
     got = engine.generate(requests)
     assert got == expected
     # the random model's own choices are often refused: each refusal re-decoded its step masked
-    assert engine.last_stats["rewinds"] > 3
+    rewinds, masked = engine.last_stats["rewinds"], engine.last_stats["masked_rows"]
+    assert rewinds > 3
+    if candidates == 400:
+        assert masked < rewinds / 2  # most refusals found their token among the top ones
+    else:
+        assert masked == rewinds
     # every answer is a complete, grounded one (the budget ended each on EOS, within 24 tokens)
     for request, tokens in zip(requests, got):
         assert request.constraint.text.grammar.accepts(tokenizer.decode(tokens, skip_special_tokens=True))
