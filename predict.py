@@ -79,29 +79,34 @@ def interactive(model_args, prompt_args, args, gen):
     from cnqlora.inference import interactive as chat
     from cnqlora.inference import load_for_inference
 
-    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels)
+    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels,
+                                args.grounded)
     return chat(loaded, args, gen)
 
 
 def predict(model_args, prompt_args, args, gen):
     import json
 
-    from cnqlora.inference import load_for_inference, predict_file, read_inputs, score_predictions
+    from cnqlora.inference import describe_run, load_for_inference, predict_file, read_inputs, score_predictions
     from cnqlora.metrics import format_metrics
 
     items = read_inputs(args.data_file, prompt_args, args)
     if args.limit:
         items = items[:args.limit]
     args.predictions_file = args.predictions_file or f"{args.data_file}.predictions.jsonl"
-    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels)
+    loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode, args.fused_kernels,
+                                args.grounded)
     print(f"loaded in {loaded.seconds:.1f}s: {loaded.description}")
     run = predict_file(loaded, items, args, gen)
     print(f"{run['predicted']} predicted in {run['seconds']:.1f}s ({run['sentences_per_s']:.2f} sentences/s) "
           f"-> {args.predictions_file}")
+    if describe_run(run):
+        print(describe_run(run))
     metrics = score_predictions(args.predictions_file, args.types or run["types"])
     if metrics is not None:
         metrics["speed"] = {"sentences_per_s": run["sentences_per_s"], "seconds": run["seconds"],
-                            "batch_size": gen.batch_size, "grounded": args.grounded}
+                            "batch_size": gen.batch_size, "grounded": args.grounded,
+                            "grounding_s": run["grounding_s"], "engine": run["engine"]}
         print(format_metrics(metrics))
         path = args.metrics_file or f"{args.predictions_file}.metrics.json"
         with open(path, "w", encoding="utf-8") as f:

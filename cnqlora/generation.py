@@ -180,7 +180,7 @@ def engine_reason(model, args: GenerationArgs) -> str | None:
 def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: GenerationArgs,
                 constraints: Sequence[Any] | None = None, on_answer: Callable[[int, str], None] | None = None,
                 on_token: Callable[[int, int], None] | None = None, grounded_factory=None,
-                engine_slots: int | None = None) -> list[str]:
+                engine_slots: int | None = None, stats: dict[str, Any] | None = None) -> list[str]:
     """Answers to many prompts: through the engine when it can run the model, else batched generate.
 
     This is the one way prediction files, chat, the dev F1 and the server decode. `on_answer(i, text)`
@@ -189,6 +189,7 @@ def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: Genera
     and as `grounded_factory(indices)` (a logits_processor_factory for those prompts) for generate.
     `engine_slots` overrides args.batch_size for the engine (its KV-cache slots), which decodes
     many rows for the price of few where generate's batches would run out of memory.
+    `stats` (engine only) accumulates the engine's counters and seconds over calls.
     """
     answers: list[str | None] = [None] * len(prompts)
     if engine_reason(model, args) is None:
@@ -203,6 +204,12 @@ def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: Genera
             answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
             if on_answer is not None:
                 on_answer(index, answers[index])
+        if stats is not None:
+            for key, value in engine.last_stats.items():
+                # counts and seconds add up over calls; sizes (slots, cache) are the last call's
+                summed = key in stats and (key.endswith(("_s", "_calls", "_steps", "_rows", "_captures"))
+                                           or key == "rewinds")
+                stats[key] = stats[key] + value if summed else value
         return answers  # type: ignore[return-value]
     for window in length_sorted_batches([len(p) for p in prompts], args.batch_size, window=len(prompts)):
         for batch in window:

@@ -128,13 +128,16 @@ def _merge_in_memory(mode: str, model_args: ModelArgs, device: str) -> bool:
 
 
 def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_model: str | None,
-                       adapter_mode: str = "lora", fused_kernels: str = "off") -> Loaded:
+                       adapter_mode: str = "lora", fused_kernels: str = "off", grounded: bool = False) -> Loaded:
     """Base model (quantised as asked) + optional adapter, checked before anything heavy loads.
 
     adapter_mode merged (or auto with room on the GPU) loads the base in 16 bits and folds the
     adapter into it: prediction then runs plain matmuls with no LoRA layers, whatever the rank.
     fused_kernels as training's: on a small model a decode step is hundreds of short kernels, and
     Liger's fused norm, RoPE and SwiGLU remove about half of them.
+    grounded: build the tokenizer's byte table for grounded decoding now, before the model: a
+    tokenizer it cannot serve fails before minutes of loading, and the table (a third of a second
+    for a 150k vocabulary) is made once per process, not inside the first prediction run.
     """
     from .models import check_model_folder, load_model, load_tokenizer, resolve_device
     from .speed import apply_fused_kernels, resolve_fused_kernels
@@ -149,6 +152,13 @@ def load_for_inference(model_args: ModelArgs, prompt_args: PromptArgs, lora_mode
         adapter = read_adapter(lora_model)
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.model_name_or_path, model_args.trust_remote_code)
     template = resolve_template(prompt_args.template, tokenizer, config.get("model_type"))
+    if grounded:
+        from .grounded import token_trie
+
+        try:
+            token_trie(tokenizer)
+        except ValueError as e:
+            raise UserError(f"--grounded: {e}") from None
     device = resolve_device(model_args.device)
     fused = resolve_fused_kernels(fused_kernels, device.startswith("cuda"), []) == "liger"
     merged = adapter is not None and _merge_in_memory(adapter_mode, model_args, device)
@@ -381,6 +391,8 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     started = time.time()
     mode = "a" if start else "w"
     bar = tqdm(total=len(todo), desc="predicting", unit="sent", dynamic_ncols=True)
+    engine: dict[str, Any] = {}
+    grounding_s = 0.0
     with open(path, mode, encoding="utf-8") as f:
         # Windows bound what an interruption loses: answers come back in any order, and a window's
         # rows are written in input order once it is done. Each window is one engine run whose last
@@ -388,9 +400,11 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
         window = max(gen.batch_size * 32, 8192)
         for begin in range(0, len(todo), window):
             part = range(begin, min(begin + window, len(todo)))
+            began = time.time()
             grounding = _grounding(loaded, [todo[i] for i in part], types, gen) if args.grounded else {}
+            grounding_s += time.time() - began
             answers = answer_many(loaded.model, loaded.tokenizer, [ids[i] for i in part], gen,
-                                  on_answer=lambda *_: bar.update(1), **grounding)
+                                  on_answer=lambda *_: bar.update(1), stats=engine, **grounding)
             for i, answer in zip(part, answers):
                 row = {"line": todo[i].line, "instruct": todo[i].instruct, "input": todo[i].query,
                        "output": answer}
@@ -401,7 +415,23 @@ def predict_file(loaded: Loaded, items: list[Item], args: PredictArgs, gen: Gene
     bar.close()
     seconds = time.time() - started
     return {"predicted": len(todo), "seconds": seconds,
-            "sentences_per_s": len(todo) / seconds if seconds > 0 else 0.0, "types": types}
+            "sentences_per_s": len(todo) / seconds if seconds > 0 else 0.0, "types": types,
+            "engine": engine, "grounding_s": grounding_s}
+
+
+def describe_run(run: dict[str, Any]) -> str:
+    """Where a prediction run's time went, in one line (what the engine counted, if it ran)."""
+    e = run.get("engine") or {}
+    parts = []
+    if e:
+        parts.append(f"engine: {e.get('decode_steps', 0)} decode steps, {e.get('prefill_calls', 0)} prefill calls, "
+                     f"{e.get('slots')} slots, {e.get('kv_gib', 0.0):.2f} GiB cache, waited {e.get('wait_s', 0.0):.2f}s "
+                     f"for the device")
+        if e.get("rewinds"):
+            parts.append(f"{e['rewinds']} refused tokens redone ({e.get('masked_rows', 0)} with the full mask)")
+    if run.get("grounding_s"):
+        parts.append(f"grounded answers set up in {run['grounding_s']:.2f}s")
+    return "; ".join(parts)
 
 
 def score_predictions(path: str, types: list[str] | None = None) -> dict[str, Any] | None:

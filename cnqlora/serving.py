@@ -914,7 +914,7 @@ def serve(model_args, prompt_args, args, gen, serve_args: ServeArgs, log=print) 
     sock = bind(serve_args.host, serve_args.port)
     try:
         loaded = load_for_inference(model_args, prompt_args, args.lora_model, args.adapter_mode,
-                                    args.fused_kernels)
+                                    args.fused_kernels, args.grounded)
         service = Service(loaded, args, gen, serve_args, types, model_name=serve_args.served_model_name)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

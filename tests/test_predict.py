@@ -150,13 +150,37 @@ def test_plain_text_lines_with_a_fixed_instruction(tiny_ner_model_dir, adapter_d
     assert not os.path.exists(out + ".metrics.json")
 
 
-def test_grounded_file_prediction_is_always_well_formed(tiny_ner_model_dir, adapter_dir, ner_data_dir, tmp_path):
+def test_grounded_file_prediction_is_always_well_formed(tiny_ner_model_dir, adapter_dir, ner_data_dir, tmp_path,
+                                                        capsys):
     out = str(tmp_path / "grounded.jsonl")
     argv = predict_argv(tiny_ner_model_dir, adapter_dir, f"{ner_data_dir}/test.txt", out, "--limit", "8", "--grounded")
     assert run_command(predict.main, argv) == 0
     metrics = json.load(open(out + ".metrics.json", encoding="utf-8"))
     assert metrics["unparseable"] == 0.0 and metrics["not_in_text"] == 0.0
-    assert metrics["speed"]["grounded"] is True
+    speed = metrics["speed"]
+    assert speed["grounded"] is True
+    # where the time went is kept beside the speed: the engine's steps and the answers' setup
+    assert speed["engine"]["decode_steps"] > 0 and speed["engine"]["prefill_calls"] > 0
+    assert speed["grounding_s"] > 0
+    assert "grounded answers set up in" in capsys.readouterr().out
+
+
+def test_a_tokenizer_grounding_cannot_serve_fails_before_the_model_loads(tiny_ner_model_dir, adapter_dir,
+                                                                          ner_data_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    def unmappable(tokenizer):
+        raise ValueError("cannot map LlamaTokenizer tokens to bytes")
+
+    def refuse(*_, **__):
+        raise AssertionError("the model was loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("cnqlora.grounded.token_trie", unmappable)
+    monkeypatch.setattr("cnqlora.models.load_model", refuse)
+    argv = predict_argv(tiny_ner_model_dir, adapter_dir, f"{ner_data_dir}/test.txt", str(tmp_path / "o.jsonl"),
+                        "--grounded")
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--grounded: cannot map LlamaTokenizer" in err and "Traceback" not in err, err
 
 
 def test_bad_inputs_give_one_message_and_exit_2(tiny_ner_model_dir, adapter_dir, ner_data_dir, tmp_path, capsys):
