@@ -106,11 +106,12 @@ def test_qlora_model_with_adapter_equals_generate(tiny_ner_model_dir, tmp_path):
     assert engine.generate([Request(p, 16) for p in prompts]) == expected
 
 
-@pytest.mark.parametrize("candidates", [400, 1, 0])
+@pytest.mark.parametrize("candidates", [(400,), (1, 400), (1,), ()])
 def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir, candidates):
     """A refused token is replaced from the row's top tokens (400 of the tiny vocabulary's 1,200:
-    a random model's allowed tokens are rarely among fewer), mostly from the full mask of allowed
-    tokens (1: only the argmax, which was refused), or always from the mask (0)."""
+    a random model's allowed tokens are rarely among fewer; (1, 400): the argmax, refused, then
+    the top 400), or from the full mask of allowed tokens ((1,): only the refused argmax is
+    tried; (): always the mask)."""
     from cnqlora.grounded import GroundedAnswer, GroundedNerLogitsProcessor
     from cnqlora.models import ModelArgs, load_model, load_tokenizer
 
@@ -132,13 +133,59 @@ def test_grounded_constraint_equals_the_grounded_processor(tiny_ner_model_dir, c
     # the random model's own choices are often refused: each refusal re-decoded its step masked
     rewinds, masked = engine.last_stats["rewinds"], engine.last_stats["masked_rows"]
     assert rewinds > 3
-    if candidates == 400:
+    if 400 in candidates:
         assert masked < rewinds / 2  # most refusals found their token among the top ones
     else:
         assert masked == rewinds
     # every answer is a complete, grounded one (the budget ended each on EOS, within 24 tokens)
     for request, tokens in zip(requests, got):
         assert request.constraint.text.grammar.accepts(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def test_rare_steps_that_are_not_greedy_run_eagerly_before_a_graph_is_captured(tiny_ner_model_dir, monkeypatch):
+    """CUDA graphs on the CPU, faked: a graphed step is recorded and run eagerly. A grounded run's
+    few refused tokens make steps that are not greedy; they must not cost a graph capture each
+    run, while a sampling run (every step not greedy) gets its graph after a few steps."""
+    from cnqlora.grounded import GroundedAnswer
+    from cnqlora.models import ModelArgs, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_ner_model_dir)
+    torch.manual_seed(0)
+    model = load_model(ModelArgs(model_name_or_path=tiny_ner_model_dir, device="cpu", quantization="none")).eval()
+    graphed: list[tuple[int, bool]] = []
+
+    def fake_graphed(self, span, greedy):
+        graphed.append((span, greedy))
+        return self._step(span, greedy)
+
+    monkeypatch.setattr(Engine, "_step_graphed", fake_graphed)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    texts = ["张伟在北京工作", "上海很大"]
+    prompts = [tokenizer.encode("文本：" + t, add_special_tokens=False) for t in texts]
+    eos = tokenizer.eos_token_id
+
+    def run(eager_before_graph: int, sampling: Sampling | None = None):
+        engine = Engine(model, [eos], pad_id=tokenizer.pad_token_id, max_batch=2, sampling=sampling)
+        engine.cuda_graphs, engine.eager_before_graph = True, eager_before_graph
+        shared: dict = {}
+        grounded = sampling is None
+        requests = [Request(p, 24, GroundedAnswer(tokenizer, t, ["人名", "地名"], 24, shared=shared) if grounded
+                            else None) for p, t in zip(prompts, texts)]
+        graphed.clear()
+        answers = engine.generate(requests)
+        return answers, engine.last_stats, list(graphed)
+
+    eager, stats, steps = run(10**6)
+    # greedy steps are graphed from their first use; the refusals' steps stayed eager
+    refusal_steps = stats["decode_steps"] - len(steps)
+    assert stats["rewinds"] > 3 and refusal_steps > 3 and all(greedy for _, greedy in steps)
+    graphs_at_once, stats, steps = run(0)
+    assert graphs_at_once == eager and len(steps) == stats["decode_steps"]
+    assert sum(not greedy for _, greedy in steps) == refusal_steps
+    _, stats, steps = run(3, Sampling(do_sample=True, temperature=1.0))
+    spans = {span for span, _ in steps}
+    assert steps and not any(greedy for _, greedy in steps)
+    assert len(steps) == stats["decode_steps"] - 3 * len(spans)  # each span's first 3 steps eager
 
 
 def test_streamed_tokens_are_the_final_answers():
