@@ -100,8 +100,9 @@ def predict(model_args, prompt_args, args, gen):
     run = predict_file(loaded, items, args, gen)
     print(f"{run['predicted']} predicted in {run['seconds']:.1f}s ({run['sentences_per_s']:.2f} sentences/s) "
           f"-> {args.predictions_file}")
-    if describe_run(run):
-        print(describe_run(run))
+    where = describe_run(run)
+    if where:
+        print(where)
     metrics = score_predictions(args.predictions_file, args.types or run["types"])
     if metrics is not None:
         metrics["speed"] = {"sentences_per_s": run["sentences_per_s"], "seconds": run["seconds"],

@@ -510,8 +510,11 @@ class Engine:
 
     def _launch_step(self, span: int, greedy: bool):
         """A decode step, from its CUDA graph when graphs are on (and can be captured)."""
-        uses = self._step_uses[(span, greedy)] = self._step_uses.get((span, greedy), 0) + 1
-        if self.cuda_graphs and (greedy or uses > self.eager_before_graph):
+        graphed = self.cuda_graphs
+        if graphed and not greedy:
+            uses = self._eager_uses[span] = self._eager_uses.get(span, 0) + 1
+            graphed = uses > self.eager_before_graph
+        if graphed:
             try:
                 return self._step_graphed(span, greedy)
             except RuntimeError as e:  # a layer that cannot be captured: decode eagerly from now on
@@ -534,7 +537,7 @@ class Engine:
             picked = self._pick_permitted(logits, constrained, vocab)
             constrained = [(row, s) for row, s in constrained if row not in picked]
         if constrained:
-            self._stats["masked_rows"] = self._stats.get("masked_rows", 0) + len(constrained)
+            self._stats["masked_rows"] += len(constrained)
             r, c = [], []
             for row, s in constrained:
                 allowed = s.request.constraint.allowed(len(s.tokens), vocab)
@@ -706,7 +709,7 @@ class Engine:
                                "decode_gpu_s": 0.0, "wall_s": 0.0}
         self.last_stats = stats
         self._graphs: dict[Any, Any] = {}
-        self._step_uses: dict[tuple[int, bool], int] = {}
+        self._eager_uses: dict[int, int] = {}  # per span: steps that are not greedy so far
         self._warmed: set[str] = set()
         if self.cuda_graphs:
             self._pool = torch.cuda.graph_pool_handle()
@@ -890,6 +893,17 @@ class Engine:
         for index, tokens in self.run(requests, on_token):
             out[index] = tokens
         return out  # type: ignore[return-value]
+
+
+# What a run counts; accumulate_stats sums these over runs, the other stats are sizes.
+_COUNTERS = frozenset(("prefill_calls", "decode_steps", "prefill_graph_calls", "graph_captures", "capture_s",
+                       "rewinds", "masked_rows", "wait_s", "prefill_gpu_s", "decode_gpu_s", "wall_s"))
+
+
+def accumulate_stats(total: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Add a run's `last_stats` to `total`: counts and seconds summed, sizes (slots, cache) the last run's."""
+    for key, value in stats.items():
+        total[key] = total[key] + value if key in _COUNTERS and key in total else value
 
 
 def _shared_prefix(prompts: Sequence[Sequence[int]]) -> list[int]:

@@ -193,7 +193,7 @@ def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: Genera
     """
     answers: list[str | None] = [None] * len(prompts)
     if engine_reason(model, args) is None:
-        from .engine import Engine, Request, Sampling
+        from .engine import Engine, Request, Sampling, accumulate_stats
 
         engine = Engine(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id,
                         max_batch=engine_slots or args.batch_size,
@@ -205,11 +205,7 @@ def answer_many(model, tokenizer, prompts: Sequence[Sequence[int]], args: Genera
             if on_answer is not None:
                 on_answer(index, answers[index])
         if stats is not None:
-            for key, value in engine.last_stats.items():
-                # counts and seconds add up over calls; sizes (slots, cache) are the last call's
-                summed = key in stats and (key.endswith(("_s", "_calls", "_steps", "_rows", "_captures"))
-                                           or key == "rewinds")
-                stats[key] = stats[key] + value if summed else value
+            accumulate_stats(stats, engine.last_stats)
         return answers  # type: ignore[return-value]
     for window in length_sorted_batches([len(p) for p in prompts], args.batch_size, window=len(prompts)):
         for batch in window:

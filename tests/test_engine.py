@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from cnqlora.engine import Engine, Request, Sampling, supported
+from cnqlora.engine import Engine, Request, Sampling, accumulate_stats, supported
 
 
 def _random_model(kind: str):
@@ -186,6 +186,23 @@ def test_rare_steps_that_are_not_greedy_run_eagerly_before_a_graph_is_captured(t
     spans = {span for span, _ in steps}
     assert steps and not any(greedy for _, greedy in steps)
     assert len(steps) == stats["decode_steps"] - 3 * len(spans)  # each span's first 3 steps eager
+
+
+def test_stats_of_several_runs_add_counts_and_keep_the_last_sizes():
+    """A file over one window is several engine runs: its reported steps and seconds are their sums."""
+    model = _random_model("llama")
+    engine = Engine(model, [2], pad_id=0, max_batch=2)
+    total: dict = {}
+    runs = []
+    for seed, n in ((4, 3), (5, 1)):
+        engine.generate([Request(p, 6) for p in _prompts(n, 300, seed=seed)])
+        runs.append(dict(engine.last_stats))
+        accumulate_stats(total, engine.last_stats)
+    assert total["decode_steps"] == runs[0]["decode_steps"] + runs[1]["decode_steps"]
+    assert total["prefill_calls"] == runs[0]["prefill_calls"] + runs[1]["prefill_calls"]
+    assert total["wall_s"] == runs[0]["wall_s"] + runs[1]["wall_s"]
+    assert runs[0]["slots"] != runs[1]["slots"] and total["slots"] == runs[1]["slots"]
+    assert total["kv_gib"] == runs[1]["kv_gib"]
 
 
 def test_streamed_tokens_are_the_final_answers():
